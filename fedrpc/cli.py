@@ -1,0 +1,87 @@
+"""Command line: `fedrpc run | encode | data stats | baseline` (also `python -m fedrpc`)."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .config import ConfigError, load_config
+from .data.types import DataError
+
+log = logging.getLogger("fedrpc")
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML config file (e.g. configs/quickstart.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="dotted overrides, e.g. fed.rounds=3 data.path=/data/ml-100k")
+
+
+def _cmd_data_stats(args) -> int:
+    from .data import data_stats
+    cfg = load_config(args.config, args.overrides)
+    stats = data_stats(cfg)
+    if args.json:
+        print(json.dumps(stats, indent=2))
+        return 0
+    split = stats.pop("split")
+    content = stats.pop("content")
+    print(f"data: {cfg.data.format} {cfg.data.path or '(generated)'}")
+    for k, v in stats.items():
+        print(f"  {k:<28} {v:,}" if isinstance(v, int) else f"  {k:<28} {v}")
+    print("split (" + cfg.data.split + "):")
+    for k, v in split.items():
+        print(f"  {k:<28} {v:,}")
+    print("content:")
+    for k, v in content.items():
+        print(f"  {k:<28} {v:,}")
+    return 0
+
+
+def _cmd_baseline(args) -> int:
+    from .baselines import run_popularity
+    from .reporting import format_metrics, write_json
+    cfg = load_config(args.config, args.overrides)
+    result = {"model": args.model, **run_popularity(cfg)}
+    out = Path(cfg.run.out_dir)
+    write_json(out / f"baseline_{args.model}.json", result)
+    for which in ("valid", "test"):
+        print(f"{args.model} {which}: {format_metrics(result[which], cfg.eval.ks)}")
+    print(f"written: {out / f'baseline_{args.model}.json'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="fedrpc", description=__doc__)
+    ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="inspect a dataset").add_subparsers(
+        dest="data_command", required=True)
+    st = data.add_parser("stats", help="users, items, interactions, split sizes, content")
+    _add_config_args(st)
+    st.add_argument("--json", action="store_true", help="print JSON")
+    st.set_defaults(func=_cmd_data_stats)
+
+    bl = sub.add_parser("baseline", help="evaluate a non-federated reference model")
+    _add_config_args(bl)
+    bl.add_argument("--model", choices=["popularity"], default="popularity")
+    bl.set_defaults(func=_cmd_baseline)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ConfigError, DataError) as e:
+        print(f"fedrpc: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,302 @@
+"""Typed configuration: dataclass sections, loaded from YAML, with dotted overrides.
+
+`load_config("configs/ml100k.yaml", ["fed.rounds=3"])` returns a `Config`. Every key
+is checked: an unknown key, a value of the wrong type or an impossible value raises
+`ConfigError` naming the key and what is allowed. Sections may declare `validate()`
+for checks across fields.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key or file and the fix."""
+
+
+def check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+# --------------------------------------------------------------------------- sections
+@dataclass
+class RunConfig:
+    seed: int = 0
+    """Master seed: every random stream derives from (seed, round, user, purpose)."""
+    out_dir: str = "runs/default"
+    """Where rounds.jsonl and summary.json are written."""
+    device: str = "auto"
+    """auto | cpu | cuda | cuda:N."""
+    progress: bool = True
+    """Show progress bars."""
+
+    def validate(self, key: str) -> None:
+        check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+              f"{key}.device", f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+
+@dataclass
+class SyntheticConfig:
+    users: int = 300
+    items: int = 400
+    mean_interactions: int = 30
+    """Mean interactions per user (each user gets at least min_interactions)."""
+    min_interactions: int = 8
+    latent_dim: int = 8
+    """Dimension of the planted user tastes / item attributes."""
+    signal: float = 1.0
+    """Share of preference explained by item content: 1 = all, 0 = none."""
+    image_size: int = 16
+    """Side of the generated square RGB item images, in pixels."""
+    words_per_text: int = 12
+
+    def validate(self, key: str) -> None:
+        check(self.users >= 2, f"{key}.users", "must be >= 2")
+        check(self.items >= 10, f"{key}.items", "must be >= 10")
+        check(self.min_interactions >= 3, f"{key}.min_interactions", "must be >= 3")
+        check(self.min_interactions <= self.mean_interactions < self.items // 2,
+              f"{key}.mean_interactions", "must be >= min_interactions and < items/2")
+        check(0.0 <= self.signal <= 1.0, f"{key}.signal", "must be in [0, 1]")
+        check(self.latent_dim >= 1, f"{key}.latent_dim", "must be >= 1")
+        check(4 <= self.image_size <= 256, f"{key}.image_size", "must be in [4, 256]")
+        check(self.words_per_text >= 1, f"{key}.words_per_text", "must be >= 1")
+
+
+@dataclass
+class DataConfig:
+    format: Literal["synthetic", "movielens", "gfmfr", "mmrec"] = "synthetic"
+    """synthetic (generated, needs no files) | movielens (u.data + u.item folder) |
+    gfmfr (inter.csv + text_features.npy / image_features.npy) |
+    mmrec (<name>.inter with x_label + text_feat.npy / image_feat.npy)."""
+    path: str = ""
+    """Dataset folder (not used by synthetic)."""
+    name: str = ""
+    """mmrec: the dataset name, i.e. <path>/<name>.inter."""
+    tmdb_csv: str = "items_tmdb.csv"
+    """movielens: item overviews CSV inside path ('' = none)."""
+    posters: str = "posters"
+    """movielens: posters folder inside path ('' = none)."""
+    text_features: str = ""
+    """Precomputed text features (.npy, one row per item in catalogue order); '' = default
+    for the format (gfmfr: text_features.npy, mmrec: text_feat.npy)."""
+    image_features: str = ""
+    """Precomputed image features (.npy); '' = default for the format."""
+    min_user_interactions: int = 0
+    """k-core: drop users with fewer interactions (0 = keep all)."""
+    min_item_interactions: int = 0
+    """k-core: drop items with fewer interactions (0 = keep all)."""
+    split: Literal["loo", "predefined"] = "loo"
+    """loo: leave-one-out by timestamp; predefined: the split column of the data (mmrec)."""
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+    def validate(self, key: str) -> None:
+        if self.format != "synthetic":
+            check(bool(self.path), f"{key}.path", f"required for format {self.format!r}")
+        if self.format == "mmrec":
+            check(bool(self.name), f"{key}.name", "required for format 'mmrec'")
+        if self.split == "predefined":
+            check(self.format == "mmrec", f"{key}.split",
+                  "'predefined' needs a format with a split column (mmrec)")
+        check(self.min_user_interactions >= 0, f"{key}.min_user_interactions", "must be >= 0")
+        check(self.min_item_interactions >= 0, f"{key}.min_item_interactions", "must be >= 0")
+
+
+@dataclass
+class EvalConfig:
+    ks: list[int] = field(default_factory=lambda: [10, 20, 50])
+    """Cut-offs for HR@K, NDCG@K, Recall@K."""
+    mode: Literal["full", "sampled"] = "full"
+    """full: rank against all items (the default); sampled: against sampled negatives."""
+    sampled_negatives: int = 99
+    interval: int = 1
+    """Evaluate every this many rounds (and always at the last round)."""
+    patience: int = 0
+    """Early stopping: stop after this many evaluations without a better validation
+    NDCG@K (K = the first of ks); 0 = never stop early."""
+    batch_users: int = 256
+    """Users scored at once during evaluation (memory vs speed)."""
+
+    def validate(self, key: str) -> None:
+        check(len(self.ks) > 0 and all(k >= 1 for k in self.ks), f"{key}.ks",
+              "must be a non-empty list of positive integers")
+        check(self.sampled_negatives >= 1, f"{key}.sampled_negatives", "must be >= 1")
+        check(self.interval >= 1, f"{key}.interval", "must be >= 1")
+        check(self.patience >= 0, f"{key}.patience", "must be >= 0")
+        check(self.batch_users >= 1, f"{key}.batch_users", "must be >= 1")
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+SECTIONS: dict[str, type] = {}
+"""Further top-level sections, registered by the subsystems that own them."""
+
+
+def register_section(name: str, cls: type) -> type:
+    """Add top-level section `name` (a dataclass) to the configuration."""
+    SECTIONS[name] = cls
+    return cls
+
+
+# --------------------------------------------------------------------------- loading
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Return `value` as type `tp`, or raise ConfigError naming `key`."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{key}: must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: must be {_type_name(tp)}, got {value!r}")
+    if origin is list:
+        (elem,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: must be a {_type_name(tp)}, got {value!r}")
+        return [_coerce(v, elem, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: must be a mapping, got {value!r}")
+        return value
+    if _is_dataclass_type(tp):
+        return build(tp, value, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: must be a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported field type {tp!r}")
+
+
+def build(cls: type, raw: Any, key: str = "") -> Any:
+    """Build dataclass `cls` from a mapping, checking every key and type."""
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{key or 'config'}: must be a mapping of keys, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        where = f"{key}." if key else ""
+        raise ConfigError(f"{where}{unknown[0]}: unknown key; allowed: {', '.join(sorted(fields))}")
+    kwargs = {name: _coerce(v, hints[name], f"{key}.{name}" if key else name)
+              for name, v in raw.items()}
+    obj = cls(**kwargs)
+    if hasattr(obj, "validate"):
+        obj.validate(key or cls.__name__)
+    return obj
+
+
+def _config_class() -> type:
+    """`Config` extended with the registered sections."""
+    if not SECTIONS:
+        return Config
+    extra = [(name, tp, field(default_factory=tp)) for name, tp in SECTIONS.items()]
+    return dataclasses.make_dataclass("Config", extra, bases=(Config,))
+
+
+def _register_defaults() -> None:
+    # Subsystems register their sections on import; import them here so that the
+    # loader always knows every section.
+    import fedrpc.sections  # noqa: F401
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected section.key=value")
+    dotted, value = text.split("=", 1)
+    parts = dotted.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {text!r}: expected section.key=value")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({e})") from None
+    return parts, parsed
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = raw
+        for p in parts[:-1]:
+            nxt = node.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {text!r}: {p} is not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return raw
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None):
+    """Load a YAML config (or the defaults when path is None) with dotted overrides."""
+    _register_defaults()
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML ({e})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections")
+    raw = apply_overrides(raw, list(overrides or []))
+    cfg = build(_config_class(), raw)
+    cfg.config_path = str(path) if path is not None else None
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)

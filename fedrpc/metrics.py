@@ -1,0 +1,143 @@
+"""Ranking metrics: HR@K, NDCG@K, Recall@K and MRR, full ranking or sampled negatives.
+
+Pure functions. Evaluation returns *sums* over users (and the user count), so that
+workers can evaluate their own clients and only the sums travel; `finalize` divides.
+
+For a user with held-out items H (|H| = n) and rank r_j of each held-out item j:
+    rank r_j = 1 + #{other candidates c : s_c >= s_j}   (ties count against j)
+             + #{held-out t : s_t > s_j, or s_t == s_j and t listed before j}
+where other candidates are the items that are neither masked (the user's training
+positives and the other split's held-out items) nor held out. Then
+    HR@K     = 1[min_j r_j <= K]
+    Recall@K = #{j : r_j <= K} / n
+    NDCG@K   = sum_{j : r_j <= K} 1/log2(1 + r_j)  /  sum_{r=1}^{min(n,K)} 1/log2(1 + r)
+    MRR      = 1 / min_j r_j
+A NaN score counts as the worst possible score.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+
+from .data.sampling import EVAL_NEGATIVES, sample_negatives, user_rng
+from .data.types import Split
+
+
+def _clean(scores: torch.Tensor) -> torch.Tensor:
+    return torch.nan_to_num(scores.double(), nan=-np.inf)
+
+
+def target_ranks(scores: torch.Tensor, targets: torch.Tensor,
+                 mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Ranks [B, T] of `targets` [B, T] (item index, -1 = padding; inf rank) in `scores`
+    [B, I]; `mask` [B, I] True marks items that are not candidates."""
+    scores = _clean(scores)
+    B, T = targets.shape
+    valid = targets >= 0
+    tidx = targets.clamp(min=0)
+    ts = torch.gather(scores, 1, tidx)                      # [B, T]
+    ts = torch.where(valid, ts, torch.full_like(ts, -np.inf))
+    # items that do not compete with a target: masked ones and the targets themselves
+    excluded = mask.clone() if mask is not None else torch.zeros_like(scores, dtype=torch.bool)
+    rows = torch.arange(B).unsqueeze(1).expand(B, T)
+    excluded[rows[valid], targets[valid]] = True
+    ranks = torch.empty(B, T, dtype=torch.float64)
+    for j in range(T):
+        s = ts[:, j:j + 1]
+        ahead = ((scores >= s) & ~excluded).sum(1)
+        higher_t = ((ts > s) & valid).sum(1)
+        tied_before = ((ts[:, :j] == s) & valid[:, :j]).sum(1)
+        ranks[:, j] = (1 + ahead + higher_t + tied_before).double()
+    ranks[~valid] = np.inf
+    return ranks
+
+
+def metric_sums(ranks: torch.Tensor, ks: Iterable[int]) -> dict[str, float]:
+    """Sums over users of HR/NDCG/Recall@K and MRR; rows with no target are skipped."""
+    ranks = ranks.double()
+    n = torch.isfinite(ranks).sum(1)
+    keep = n > 0
+    ranks, n = ranks[keep], n[keep].double()
+    out = {"users": float(keep.sum())}
+    gains = 1.0 / torch.log2(1.0 + ranks)                  # 0 where rank is inf
+    best = ranks.min(1).values
+    for k in ks:
+        hit = ranks <= k
+        ideal_terms = 1.0 / torch.log2(torch.arange(2, k + 2, dtype=torch.float64))
+        ideal = torch.cumsum(ideal_terms, 0)[(n.clamp(max=k) - 1).long()]
+        out[f"HR@{k}"] = float((best <= k).double().sum())
+        out[f"NDCG@{k}"] = float(((gains * hit).sum(1) / ideal).sum())
+        out[f"Recall@{k}"] = float((hit.sum(1).double() / n).sum())
+    out["MRR"] = float((1.0 / best).sum())
+    return out
+
+
+def add_sums(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+    return {k: a.get(k, 0.0) + b.get(k, 0.0) for k in sorted(set(a) | set(b))}
+
+
+def finalize(sums: dict[str, float]) -> dict[str, float]:
+    """Means over users from metric sums."""
+    n = sums.get("users", 0.0)
+    return {k: (v / n if n else 0.0) for k, v in sums.items() if k != "users"} | {"users": n}
+
+
+def _csr_rows(indptr: np.ndarray, items: np.ndarray, users: np.ndarray):
+    return [items[indptr[u]:indptr[u + 1]] for u in users.tolist()]
+
+
+def _padded(rows: list[np.ndarray]) -> torch.Tensor:
+    width = max((len(r) for r in rows), default=0)
+    out = torch.full((len(rows), max(width, 1)), -1, dtype=torch.long)
+    for b, r in enumerate(rows):
+        out[b, :len(r)] = torch.from_numpy(np.asarray(r, dtype=np.int64))
+    return out
+
+
+def evaluate_users(score_fn: Callable[[np.ndarray], torch.Tensor], split: Split,
+                   users: np.ndarray, which: str, ks: Iterable[int], mode: str = "full",
+                   sampled_negatives: int = 99, seed: int = 0, batch_users: int = 256
+                   ) -> dict[str, float]:
+    """Metric sums over `users` (global ids) for split `which` ('valid' or 'test').
+
+    `score_fn(users_batch) -> [B, n_items]` scores every item for each user.
+    """
+    ks = list(ks)
+    ho_ptr, ho_items = split.held_out(which)
+    other_ptr, other_items = split.held_out("test" if which == "valid" else "valid")
+    users = np.asarray([u for u in users.tolist() if ho_ptr[u + 1] > ho_ptr[u]], dtype=np.int64)
+    sums: dict[str, float] = {"users": 0.0}
+    for start in range(0, len(users), batch_users):
+        batch = users[start:start + batch_users]
+        scores = score_fn(batch).detach().to("cpu", torch.float64)
+        targets = _padded(_csr_rows(ho_ptr, ho_items, batch))
+        excluded = [np.concatenate([a, b]) for a, b in zip(
+            _csr_rows(split.train_indptr, split.train_items, batch),
+            _csr_rows(other_ptr, other_items, batch))]
+        if mode == "full":
+            mask = torch.zeros(len(batch), split.n_items, dtype=torch.bool)
+            for b, ex in enumerate(excluded):
+                mask[b, torch.from_numpy(ex.astype(np.int64))] = True
+            ranks = target_ranks(scores, targets, mask)
+        else:
+            ranks = _sampled_ranks(scores, targets, excluded, split.n_items,
+                                   sampled_negatives, seed, batch)
+        sums = add_sums(sums, metric_sums(ranks, ks))
+    return sums
+
+
+def _sampled_ranks(scores, targets, excluded, n_items, n_neg, seed, batch):
+    """Rank each held-out item against `n_neg` negatives drawn per user (fixed per seed)."""
+    rows = []
+    for b, u in enumerate(batch.tolist()):
+        known = np.unique(np.concatenate([excluded[b], targets[b][targets[b] >= 0].numpy()]))
+        neg = sample_negatives(user_rng(seed, 0, u, EVAL_NEGATIVES), n_items, known, n_neg)
+        rows.append(torch.from_numpy(neg))
+    negs = torch.stack(rows)                                   # [B, n_neg]
+    T = targets.shape[1]
+    cand = torch.cat([targets.clamp(min=0), negs], 1)
+    cand_scores = torch.gather(scores, 1, cand)
+    local_targets = torch.where(targets >= 0, torch.arange(T).expand_as(targets), -1)
+    return target_ranks(cand_scores, local_targets)

@@ -1,0 +1,1 @@
+"""Imports every subsystem that registers a configuration section."""

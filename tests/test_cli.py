@@ -1,0 +1,39 @@
+"""The command line as users call it."""
+import json
+import subprocess
+import sys
+
+from conftest import REPO, write_movielens
+
+
+def fedrpc(*args, cwd=REPO):
+    return subprocess.run([sys.executable, "-m", "fedrpc", *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_data_stats_prints_counts(tmp_path):
+    folder = write_movielens(tmp_path / "ml")
+    r = fedrpc("data", "stats", "configs/ml100k.yaml", f"data.path={folder}", "--json")
+    assert r.returncode == 0, r.stderr
+    stats = json.loads(r.stdout)
+    assert stats["users"] == 6 and stats["interactions"] == 30
+    assert stats["split"]["test"] == 6
+    assert stats["content"]["tmdb_duplicate_rows_dropped"] == 1
+
+
+def test_errors_are_one_line_and_exit_2(tmp_path):
+    r = fedrpc("data", "stats", tmp_path / "none.yaml")
+    assert r.returncode == 2
+    assert r.stderr.strip() == f"fedrpc: error: {tmp_path / 'none.yaml'}: config file not found"
+    r = fedrpc("data", "stats", "configs/ml100k.yaml", "data.min_user_interactions=-1")
+    assert r.returncode == 2 and "data.min_user_interactions: must be >= 0" in r.stderr
+
+
+def test_popularity_baseline_writes_results(tmp_path):
+    r = fedrpc("baseline", "configs/quickstart.yaml", f"run.out_dir={tmp_path}",
+               "data.synthetic.users=60", "data.synthetic.items=80",
+               "data.synthetic.mean_interactions=10")
+    assert r.returncode == 0, r.stderr
+    result = json.loads((tmp_path / "baseline_popularity.json").read_text())
+    assert result["test"]["users"] == 60
+    assert 0 <= result["test"]["NDCG@10"] <= result["test"]["HR@10"] <= result["test"]["HR@50"] <= 1

@@ -1,0 +1,54 @@
+import pytest
+
+from fedrpc.config import ConfigError, load_config
+
+
+def test_defaults_and_dotted_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("run:\n  seed: 3\ndata:\n  synthetic:\n    users: 50\n")
+    cfg = load_config(p, ["data.synthetic.signal=0.25", "eval.ks=[5, 10]", "run.out_dir=x"])
+    assert cfg.run.seed == 3
+    assert cfg.data.synthetic.users == 50
+    assert cfg.data.synthetic.signal == 0.25
+    assert cfg.eval.ks == [5, 10]
+    assert cfg.run.out_dir == "x"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.bogus=1", "data.bogus: unknown key; allowed: format"),
+    ("nosection.key=1", "nosection: unknown key"),
+    ("run.seed=abc", "run.seed: must be an integer"),
+    ("run.seed=1.5", "run.seed: must be an integer"),
+    ("eval.ks=10", "eval.ks: must be a list of int"),
+    ("eval.ks=[]", "eval.ks: must be a non-empty list"),
+    ("eval.ks=[0]", "eval.ks: must be a non-empty list of positive integers"),
+    ("data.format=csv", "data.format: must be one of 'synthetic', 'movielens'"),
+    ("data.synthetic.signal=1.5", "data.synthetic.signal: must be in [0, 1]"),
+    ("run.progress=maybe", "run.progress: must be true or false"),
+    ("data.format=movielens", "data.path: required for format 'movielens'"),
+    ("run.seed", "expected section.key=value"),
+    ("data.synthetic=3", "data.synthetic: must be a mapping"),
+])
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert message in str(e.value)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nothing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    top = tmp_path / "list.yaml"
+    top.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(top)
+
+
+def test_shipped_configs_load():
+    from conftest import REPO
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        load_config(path)
