@@ -1,0 +1,20 @@
+"""Server-side GFMFR algorithm as pure functions of tensors and seeds.
+
+aggregation: mean_aggregate (step 5a); grouping: group_clients, align_groups,
+group_targets (5b-5d); fusion: GroupFusion and its modules, fused_items,
+train_fusion, make_fusion_optimizer (5e), teacher_preferences (5f).
+"""
+from fedrpc.algorithms.aggregation import mean_aggregate
+from fedrpc.algorithms.fusion import (FUSIONS, AttentionFusion, GateFusion, GroupFusion,
+                                      MLPFusion, MoEFusion, SumFusion, fused_items,
+                                      make_fusion, make_fusion_optimizer,
+                                      teacher_preferences, train_fusion)
+from fedrpc.algorithms.grouping import align_groups, group_clients, group_targets, rbf_affinity
+
+__all__ = [
+    "mean_aggregate",
+    "group_clients", "align_groups", "group_targets", "rbf_affinity",
+    "GroupFusion", "SumFusion", "MLPFusion", "GateFusion", "AttentionFusion", "MoEFusion",
+    "FUSIONS", "make_fusion", "fused_items", "train_fusion", "make_fusion_optimizer",
+    "teacher_preferences",
+]

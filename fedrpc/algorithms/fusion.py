@@ -1,0 +1,274 @@
+"""Group fusion model (GFMFR step 5e), its training, and the teacher (step 5f).
+
+For group k and item i the model builds three tokens in R^d,
+    h_g = P_g z_k,   h_t = P_t T[i],   h_v = P_v V[i],
+and a fusion module maps them to F_k[i] in R^d. It is trained with MSE against the
+group targets C_bar_k[i]; the teacher is g_k = sigmoid(F_k w2_k + b2_k).
+
+A missing modality (mask False) zeroes that token before and after projection and is
+excluded where the module weighs tokens (sum, gate, attention key padding), so it never
+produces NaN even if the missing feature row holds NaN. The group token is always
+present. All modules work per (k, i) pair: nothing mixes the items of a minibatch.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F_
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+N_TOKENS = 3  # (group, text, image)
+
+
+# ------------------------------------------------------------------ fusion modules
+# Every module maps tokens [B, 3, d] (missing ones already zero) and mask [B, 3]
+# (True = present) to [B, d].
+class SumFusion(nn.Module):
+    """F = h_g + h_t + h_v (missing tokens contribute 0)."""
+
+    def __init__(self, d: int):
+        super().__init__()
+
+    def forward(self, tokens: Tensor, mask: Tensor) -> Tensor:
+        return (tokens * mask.unsqueeze(-1)).sum(dim=1)
+
+
+class MLPFusion(nn.Module):
+    """F = W_b ReLU(W_a [h_g; h_t; h_v] + a) + b   (3d -> 2d -> d)."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(N_TOKENS * d, 2 * d), nn.ReLU(), nn.Linear(2 * d, d))
+
+    def forward(self, tokens: Tensor, mask: Tensor) -> Tensor:
+        return self.net(tokens.flatten(1))
+
+
+class GateFusion(nn.Module):
+    """F = sum_j a_j h_j,  a = softmax over present tokens of W [h_g; h_t; h_v] + b."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.gate = nn.Linear(N_TOKENS * d, N_TOKENS)
+
+    def gates(self, tokens: Tensor, mask: Tensor) -> Tensor:
+        logits = self.gate(tokens.flatten(1)).masked_fill(~mask, float("-inf"))
+        return torch.softmax(logits, dim=-1)
+
+    def forward(self, tokens: Tensor, mask: Tensor) -> Tensor:
+        return (self.gates(tokens, mask).unsqueeze(-1) * tokens).sum(dim=1)
+
+
+def _default_heads(d: int) -> int:
+    return next(h for h in (4, 2, 1) if d % h == 0)
+
+
+class AttentionFusion(nn.Module):
+    """Self-attention over the 3 tokens of ONE (k, i) pair (sequence length 3, batch =
+    pairs), missing tokens as key padding; H = LayerNorm(X + MHA(X)); F = W mean_{present} H_j.
+    """
+
+    def __init__(self, d: int, n_heads: Optional[int] = None):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(d, n_heads or _default_heads(d), batch_first=True)
+        self.norm = nn.LayerNorm(d)
+        self.out = nn.Linear(d, d)
+
+    def forward(self, tokens: Tensor, mask: Tensor) -> Tensor:
+        att, _ = self.attn(tokens, tokens, tokens, key_padding_mask=~mask, need_weights=False)
+        h = self.norm(tokens + att) * mask.unsqueeze(-1)
+        pooled = h.sum(dim=1) / mask.sum(dim=1, keepdim=True).clamp_min(1)
+        return self.out(pooled)
+
+
+class MoEFusion(nn.Module):
+    """F = sum_e r_e F_e over experts (sum, mlp, gate, attention), with the router
+    r = softmax(W [h_g; h_t; h_v] + b) applied exactly once."""
+
+    EXPERTS = ("sum", "mlp", "gate", "attention")
+
+    def __init__(self, d: int, n_heads: Optional[int] = None):
+        super().__init__()
+        self.experts = nn.ModuleList([SumFusion(d), MLPFusion(d), GateFusion(d),
+                                      AttentionFusion(d, n_heads)])
+        self.router = nn.Linear(N_TOKENS * d, len(self.experts))
+
+    def router_weights(self, tokens: Tensor, mask: Tensor) -> Tensor:
+        return torch.softmax(self.router(tokens.flatten(1)), dim=-1)
+
+    def forward(self, tokens: Tensor, mask: Tensor) -> Tensor:
+        outs = torch.stack([e(tokens, mask) for e in self.experts], dim=1)  # [B, E, d]
+        return (self.router_weights(tokens, mask).unsqueeze(-1) * outs).sum(dim=1)
+
+
+FUSIONS = {"sum": SumFusion, "mlp": MLPFusion, "gate": GateFusion,
+           "attention": AttentionFusion, "moe": MoEFusion}
+
+
+def make_fusion(name: str, d: int, n_heads: Optional[int] = None) -> nn.Module:
+    """The fusion module called `name` (one of FUSIONS) for latent size d."""
+    if name not in FUSIONS:
+        raise ValueError(f"fusion must be one of {sorted(FUSIONS)}, got {name!r}")
+    if name in ("attention", "moe"):
+        return FUSIONS[name](d, n_heads)
+    return FUSIONS[name](d)
+
+
+# ----------------------------------------------------------------- the group model
+class GroupFusion(nn.Module):
+    """Persistent group fusion model: z_k, projections P_g, P_t, P_v, fusion module."""
+
+    def __init__(self, n_groups: int, text_dim: int, image_dim: int, latent_dim: int,
+                 fusion: str = "mlp", group_dim: Optional[int] = None,
+                 n_heads: Optional[int] = None):
+        super().__init__()
+        group_dim = group_dim or latent_dim
+        self.n_groups, self.text_dim, self.image_dim = n_groups, text_dim, image_dim
+        self.latent_dim, self.fusion_name = latent_dim, fusion
+        self.group_emb = nn.Embedding(n_groups, group_dim)
+        nn.init.normal_(self.group_emb.weight, std=0.1)
+        self.proj_group = nn.Linear(group_dim, latent_dim)
+        self.proj_text = nn.Linear(text_dim, latent_dim)
+        self.proj_image = nn.Linear(image_dim, latent_dim)
+        self.fusion = make_fusion(fusion, latent_dim, n_heads)
+
+    def _check(self, T: Tensor, V: Tensor) -> None:
+        if T.dim() != 2 or T.shape[1] != self.text_dim:
+            raise ValueError(f"GroupFusion: T must be [I, {self.text_dim}], got {tuple(T.shape)}")
+        if V.dim() != 2 or V.shape[1] != self.image_dim:
+            raise ValueError(f"GroupFusion: V must be [I, {self.image_dim}], got {tuple(V.shape)}")
+        if T.shape[0] != V.shape[0]:
+            raise ValueError(f"GroupFusion: T has {T.shape[0]} items, V has {V.shape[0]}")
+
+    def tokens(self, group_idx: Tensor, item_idx: Tensor, T: Tensor, V: Tensor,
+               text_mask: Optional[Tensor] = None, image_mask: Optional[Tensor] = None
+               ) -> tuple[Tensor, Tensor]:
+        """Tokens [B, 3, d] (missing ones zero) and their presence mask [B, 3]."""
+        self._check(T, V)
+        ones = torch.ones(item_idx.shape[0], dtype=torch.bool, device=item_idx.device)
+        m_t = ones if text_mask is None else text_mask[item_idx]
+        m_v = ones if image_mask is None else image_mask[item_idx]
+        t = torch.where(m_t.unsqueeze(-1), T[item_idx], 0.0)  # zero before projecting:
+        v = torch.where(m_v.unsqueeze(-1), V[item_idx], 0.0)  # NaN rows never reach grads
+        h_t = self.proj_text(t) * m_t.unsqueeze(-1)
+        h_v = self.proj_image(v) * m_v.unsqueeze(-1)
+        h_g = self.proj_group(self.group_emb(group_idx))
+        return torch.stack([h_g, h_t, h_v], dim=1), torch.stack([ones, m_t, m_v], dim=1)
+
+    def forward(self, group_idx: Tensor, item_idx: Tensor, T: Tensor, V: Tensor,
+                text_mask: Optional[Tensor] = None, image_mask: Optional[Tensor] = None
+                ) -> Tensor:
+        """F_k[i] for the pairs (group_idx[b], item_idx[b]): [B, d]."""
+        tokens, mask = self.tokens(group_idx, item_idx, T, V, text_mask, image_mask)
+        return self.fusion(tokens, mask)
+
+
+Masks = Optional[tuple[Optional[Tensor], Optional[Tensor]]]
+
+
+@torch.no_grad()
+def fused_items(model: GroupFusion, T: Tensor, V: Tensor, masks: Masks,
+                group_ids: Union[Tensor, Sequence[int]], batch_size: int = 8192) -> Tensor:
+    """F [len(group_ids), I, d]: F[j, i] = model(group_ids[j], i), in batches, no grad."""
+    text_mask, image_mask = masks if masks is not None else (None, None)
+    groups = torch.as_tensor(group_ids, dtype=torch.long, device=T.device).reshape(-1)
+    n_items = T.shape[0]
+    g_all = groups.repeat_interleave(n_items)
+    i_all = torch.arange(n_items, device=T.device).repeat(groups.numel())
+    was_training = model.training
+    model.eval()
+    try:
+        out = [model(g_all[s:s + batch_size], i_all[s:s + batch_size], T, V,
+                     text_mask, image_mask) for s in range(0, g_all.numel(), batch_size)]
+    finally:
+        model.train(was_training)
+    cat = torch.cat(out) if out else T.new_zeros((0, model.latent_dim))
+    return cat.reshape(groups.numel(), n_items, model.latent_dim)
+
+
+# ---------------------------------------------------------------------- training
+def make_fusion_optimizer(model: nn.Module, lr: float = 1e-3) -> torch.optim.Optimizer:
+    """Adam over the fusion model; the caller keeps it across rounds."""
+    return torch.optim.Adam(model.parameters(), lr=lr)
+
+
+def _epoch(model, optimizer, T, V, targets, g_all, i_all, order, batch_size, masks):
+    """One pass over the pairs in `order`; returns (mean loss, finite?)."""
+    total, count = 0.0, 0
+    for s in range(0, order.numel(), batch_size):
+        b = order[s:s + batch_size]
+        g, i = g_all[b], i_all[b]
+        loss = F_.mse_loss(model(g, i, T, V, *masks), targets[g, i])
+        if not torch.isfinite(loss):
+            return float("nan"), False
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += float(loss.detach()) * b.numel()
+        count += b.numel()
+    return total / max(count, 1), True
+
+
+def train_fusion(model: GroupFusion, optimizer: torch.optim.Optimizer, T: Tensor, V: Tensor,
+                 targets: Tensor, group_ok: Tensor, epochs: int,
+                 time_budget_s: Optional[float], batch_size: int, seed: int,
+                 text_mask: Optional[Tensor] = None, image_mask: Optional[Tensor] = None
+                 ) -> dict:
+    """Minimise mean_{(k,i)} ||F_k[i] - targets[k, i]||^2 / d over all items i and the
+    groups k with group_ok[k], shuffled each epoch by a torch.Generator seeded by `seed`.
+
+    Stops after `epochs`, or (checked after each epoch, so at least one runs) once
+    `time_budget_s` seconds have passed, or if a loss turns non-finite (that batch is
+    not applied). Returns dict(losses=[per-epoch mean], epochs_run, seconds, pairs,
+    nonfinite). Deterministic given the seed except where the time budget cuts it.
+    """
+    if targets.shape[:2] != (model.n_groups, T.shape[0]):
+        raise ValueError(f"train_fusion: targets must be [{model.n_groups}, {T.shape[0]}, d], "
+                         f"got {tuple(targets.shape)}")
+    if not bool(torch.isfinite(targets).all()):
+        raise ValueError("train_fusion: targets contain NaN/inf (use group_targets' guards)")
+    start = time.perf_counter()
+    dev = T.device
+    groups = torch.nonzero(torch.as_tensor(group_ok, device=dev).reshape(-1)).reshape(-1)
+    n_items = T.shape[0]
+    g_all = groups.repeat_interleave(n_items)
+    i_all = torch.arange(n_items, device=dev).repeat(groups.numel())
+    gen = torch.Generator().manual_seed(int(seed))
+    losses, nonfinite = [], False
+    model.train()
+    for _ in range(epochs if g_all.numel() else 0):
+        order = torch.randperm(g_all.numel(), generator=gen).to(dev)
+        loss, ok = _epoch(model, optimizer, T, V, targets, g_all, i_all, order, batch_size,
+                          (text_mask, image_mask))
+        if not ok:
+            nonfinite = True
+            log.warning("fusion training: non-finite loss at epoch %d; stopping", len(losses))
+            break
+        losses.append(loss)
+        if time_budget_s is not None and time.perf_counter() - start >= time_budget_s:
+            break
+    return dict(losses=losses, epochs_run=len(losses), seconds=time.perf_counter() - start,
+                pairs=int(g_all.numel()), nonfinite=nonfinite)
+
+
+# ----------------------------------------------------------------------- teacher
+def teacher_preferences(F: Tensor, w_out: Tensor, b_out: Tensor) -> Tensor:
+    """g_k[i] = clamp(sigmoid(F_k[i] . w_out_k + b_out_k), 1e-7, 1 - 1e-7): [G, I].
+
+    F [G, I, d], w_out [G, d] and b_out [G] (or [G, 1]): each group's averaged output
+    layer. Raises ValueError on non-finite inputs rather than returning NaN.
+    """
+    b = b_out.reshape(-1)
+    if F.dim() != 3 or w_out.shape != (F.shape[0], F.shape[2]) or b.numel() != F.shape[0]:
+        raise ValueError(f"teacher_preferences: shapes F{tuple(F.shape)}, "
+                         f"w_out{tuple(w_out.shape)}, b_out{tuple(b_out.shape)} disagree")
+    for name, x in (("F", F), ("w_out", w_out), ("b_out", b)):
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(f"teacher_preferences: {name} contains NaN/inf")
+    logits = torch.einsum("gid,gd->gi", F, w_out) + b.unsqueeze(-1)
+    return torch.sigmoid(logits).clamp(1e-7, 1.0 - 1e-7)
