@@ -53,10 +53,39 @@ def _cmd_baseline(args) -> int:
     return 0
 
 
+def _cmd_run(args) -> int:
+    from .reporting import format_metrics
+    from .runtime import run
+    cfg = load_config(args.config, args.overrides)
+    summary = run(cfg)
+    k = cfg.eval.ks
+    if "test" in summary:
+        print(f"best round {summary['best_round']} (by {summary['selected_by']}): "
+              f"test {format_metrics(summary['test'], k)}")
+    print(f"written: {Path(cfg.run.out_dir) / 'rounds.jsonl'}, "
+          f"{Path(cfg.run.out_dir) / 'summary.json'}")
+    return 0
+
+
+def _cmd_encode(args) -> int:
+    from .encoders.cli import run_encode
+    cfg = load_config(args.config, args.overrides)
+    run_encode(cfg)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="fedrpc", description=__doc__)
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = ap.add_subparsers(dest="command", required=True)
+
+    rn = sub.add_parser("run", help="run a federation (server + workers)")
+    _add_config_args(rn)
+    rn.set_defaults(func=_cmd_run)
+
+    en = sub.add_parser("encode", help="encode item content into features (cached)")
+    _add_config_args(en)
+    en.set_defaults(func=_cmd_encode)
 
     data = sub.add_parser("data", help="inspect a dataset").add_subparsers(
         dest="data_command", required=True)

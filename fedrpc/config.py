@@ -134,10 +134,103 @@ class EvalConfig:
 
 
 @dataclass
+class FedConfig:
+    backbone: Literal["fedrap", "fedncf", "fedavgmf", "pfedrec"] = "fedrap"
+    latent_dim: int = 64
+    rounds: int = 20
+    clients_per_round: int = 0
+    """Participants per round; 0 = use client_fraction."""
+    client_fraction: float = 1.0
+    local_epochs: int = 5
+    batch_size: int = 256
+    num_negatives: int = 4
+    lr: float = 0.01
+    """SGD learning rate of dense parameters (network, user vectors, heads)."""
+    lr_item: float = 1.0
+    """SGD learning rate of item-table rows."""
+    lr_decay: float = 1.0
+    """Per-round multiplicative decay of lr."""
+    lr_item_decay: float = 1.0
+    """Per-round multiplicative decay of lr_item."""
+    weight_decay: float = 1e-4
+    alpha: float = 0.1
+    """FedRAP: weight of -MSE(P, C), annealed tanh(round/10) * alpha."""
+    beta: float = 0.1
+    """FedRAP: weight of L1(C), annealed tanh(round/10) * beta."""
+    aggregation: Literal["mean", "samples"] = "mean"
+    """mean over participants, or weighted by their training samples."""
+    transport: Literal["local", "rpc"] = "local"
+    """local: server and workers in one process; rpc: torch.distributed.rpc ranks."""
+    workers: int = 1
+    """local transport: number of in-process workers the clients are sharded over."""
+    batched: bool = True
+    """Train a worker's clients together (false: one client at a time, same result)."""
+
+    def validate(self, key: str) -> None:
+        for name in ("latent_dim", "rounds", "local_epochs", "batch_size", "num_negatives",
+                     "workers"):
+            check(getattr(self, name) >= 1, f"{key}.{name}", "must be >= 1")
+        check(self.clients_per_round >= 0, f"{key}.clients_per_round", "must be >= 0")
+        check(0.0 < self.client_fraction <= 1.0, f"{key}.client_fraction", "must be in (0, 1]")
+        for name in ("lr", "lr_item", "lr_decay", "lr_item_decay"):
+            check(getattr(self, name) > 0, f"{key}.{name}", "must be > 0")
+        for name in ("weight_decay", "alpha", "beta"):
+            check(getattr(self, name) >= 0, f"{key}.{name}", "must be >= 0")
+
+
+@dataclass
+class GFMFRConfig:
+    enabled: bool = True
+    """false = the ID-only federated backbone."""
+    groups: int = 5
+    clustering: Literal["spectral", "kmeans"] = "spectral"
+    pca: float = 0.95
+    """Share of variance PCA keeps before clustering; 0 = no PCA."""
+    min_group_size: int = 2
+    """A group with fewer members takes the mean over all clients as its target."""
+    outlier_factor: float = 5.0
+    """Uploads whose item-table norm exceeds this x the median are left out of targets."""
+    fusion: Literal["sum", "mlp", "gate", "attention", "moe"] = "mlp"
+    fusion_epochs: int = 50
+    fusion_time_budget_s: float = 0.0
+    """Stop fusion training after this many seconds per round (0 = no limit)."""
+    fusion_lr: float = 1e-3
+    fusion_batch_size: int = 4096
+    ema_decay: float = 0.9
+    """Decay of the per-client EMA of L_base / KL that scales the distillation term."""
+
+    def validate(self, key: str) -> None:
+        check(self.groups >= 1, f"{key}.groups", "must be >= 1")
+        check(0.0 <= self.pca < 1.0 or self.pca == 0.0, f"{key}.pca", "must be in [0, 1)")
+        check(self.min_group_size >= 1, f"{key}.min_group_size", "must be >= 1")
+        check(self.outlier_factor > 1.0, f"{key}.outlier_factor", "must be > 1")
+        check(self.fusion_epochs >= 1, f"{key}.fusion_epochs", "must be >= 1")
+        check(self.fusion_time_budget_s >= 0, f"{key}.fusion_time_budget_s", "must be >= 0")
+        check(self.fusion_lr > 0, f"{key}.fusion_lr", "must be > 0")
+        check(self.fusion_batch_size >= 1, f"{key}.fusion_batch_size", "must be >= 1")
+        check(0.0 <= self.ema_decay < 1.0, f"{key}.ema_decay", "must be in [0, 1)")
+
+
+@dataclass
+class RuntimeConfig:
+    startup_timeout_s: float = 300.0
+    """How long ranks wait for each other at start-up (RPC init, Hello)."""
+    round_timeout_s: float = 600.0
+    """How long the server waits for a worker's reply within a round."""
+
+    def validate(self, key: str) -> None:
+        check(self.startup_timeout_s > 0, f"{key}.startup_timeout_s", "must be > 0")
+        check(self.round_timeout_s > 0, f"{key}.round_timeout_s", "must be > 0")
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    fed: FedConfig = field(default_factory=FedConfig)
+    gfmfr: GFMFRConfig = field(default_factory=GFMFRConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
 
 SECTIONS: dict[str, type] = {}

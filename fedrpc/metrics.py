@@ -16,7 +16,7 @@ A NaN score counts as the worst possible score.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -97,35 +97,47 @@ def _padded(rows: list[np.ndarray]) -> torch.Tensor:
 
 
 def evaluate_users(score_fn: Callable[[np.ndarray], torch.Tensor], split: Split,
-                   users: np.ndarray, which: str, ks: Iterable[int], mode: str = "full",
-                   sampled_negatives: int = 99, seed: int = 0, batch_users: int = 256
-                   ) -> dict[str, float]:
-    """Metric sums over `users` (global ids) for split `which` ('valid' or 'test').
+                   users: np.ndarray, which: str | Sequence[str], ks: Iterable[int],
+                   mode: str = "full", sampled_negatives: int = 99, seed: int = 0,
+                   batch_users: int = 256) -> dict:
+    """Metric sums over `users` (global ids) for split `which` ('valid' or 'test'), or
+    {split: sums} when `which` is a list of splits (scores are computed once for all).
 
     `score_fn(users_batch) -> [B, n_items]` scores every item for each user.
     """
+    splits = [which] if isinstance(which, str) else list(which)
     ks = list(ks)
-    ho_ptr, ho_items = split.held_out(which)
-    other_ptr, other_items = split.held_out("test" if which == "valid" else "valid")
-    users = np.asarray([u for u in users.tolist() if ho_ptr[u + 1] > ho_ptr[u]], dtype=np.int64)
-    sums: dict[str, float] = {"users": 0.0}
+    sums = {w: {"users": 0.0} for w in splits}
     for start in range(0, len(users), batch_users):
         batch = users[start:start + batch_users]
         scores = score_fn(batch).detach().to("cpu", torch.float64)
-        targets = _padded(_csr_rows(ho_ptr, ho_items, batch))
-        excluded = [np.concatenate([a, b]) for a, b in zip(
-            _csr_rows(split.train_indptr, split.train_items, batch),
-            _csr_rows(other_ptr, other_items, batch))]
-        if mode == "full":
-            mask = torch.zeros(len(batch), split.n_items, dtype=torch.bool)
-            for b, ex in enumerate(excluded):
-                mask[b, torch.from_numpy(ex.astype(np.int64))] = True
-            ranks = target_ranks(scores, targets, mask)
-        else:
-            ranks = _sampled_ranks(scores, targets, excluded, split.n_items,
-                                   sampled_negatives, seed, batch)
-        sums = add_sums(sums, metric_sums(ranks, ks))
-    return sums
+        for w in splits:
+            ranks = _split_ranks(scores, split, batch, w, mode, sampled_negatives, seed)
+            if ranks is not None:
+                sums[w] = add_sums(sums[w], metric_sums(ranks, ks))
+    return sums[which] if isinstance(which, str) else sums
+
+
+def _split_ranks(scores, split: Split, batch: np.ndarray, which: str, mode: str,
+                 sampled_negatives: int, seed: int):
+    """Ranks of the held-out items of `which` for the users of `batch` that have some."""
+    ho_ptr, ho_items = split.held_out(which)
+    keep = np.flatnonzero(ho_ptr[batch + 1] > ho_ptr[batch])
+    if len(keep) == 0:
+        return None
+    batch, scores = batch[keep], scores[torch.from_numpy(keep)]
+    other_ptr, other_items = split.held_out("test" if which == "valid" else "valid")
+    targets = _padded(_csr_rows(ho_ptr, ho_items, batch))
+    excluded = [np.concatenate([a, b]) for a, b in zip(
+        _csr_rows(split.train_indptr, split.train_items, batch),
+        _csr_rows(other_ptr, other_items, batch))]
+    if mode == "sampled":
+        return _sampled_ranks(scores, targets, excluded, split.n_items, sampled_negatives,
+                              seed, batch)
+    mask = torch.zeros(len(batch), split.n_items, dtype=torch.bool)
+    for b, ex in enumerate(excluded):
+        mask[b, torch.from_numpy(ex.astype(np.int64))] = True
+    return target_ranks(scores, targets, mask)
 
 
 def _sampled_ranks(scores, targets, excluded, n_items, n_neg, seed, batch):

@@ -46,7 +46,7 @@ def remap(raw: dict, stats: dict) -> Interactions:
                         label=raw.get("label"), stats=stats)
 
 
-def _csr(n_users: int, users: np.ndarray, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def csr_by_user(n_users: int, users: np.ndarray, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     order = np.lexsort((items, users))
     counts = np.bincount(users, minlength=n_users)
     return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), items[order].astype(np.int64)
@@ -56,7 +56,7 @@ def _split_from_labels(inter: Interactions, label: np.ndarray) -> Split:
     parts = {}
     for name, code in (("train", 0), ("valid", 1), ("test", 2)):
         m = label == code
-        parts[f"{name}_indptr"], parts[f"{name}_items"] = _csr(inter.n_users, inter.user[m],
+        parts[f"{name}_indptr"], parts[f"{name}_items"] = csr_by_user(inter.n_users, inter.user[m],
                                                                inter.item[m])
     return Split(inter.n_users, inter.n_items, **parts)
 

@@ -1,0 +1,147 @@
+"""Typed messages between the server (rank 0) and the workers, and their byte sizes.
+
+One message per worker per phase carries the work of all its participating clients.
+Each message knows two sizes:
+- `payload_bytes()`: the bytes of its tensors and arrays as sent between ranks (shared
+  parameters once per worker, teacher rows once per group present there);
+- `client_bytes()`: per client, what that client's device would send or receive in a
+  real deployment (GFMFR.md section 5): down = shared parameters + its group's
+  preference vector g_k; up = its trained shared parameters.
+The transport records both (DESIGN principle 4).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+FLOAT_BYTES = 4
+
+
+def nbytes(obj) -> int:
+    """Bytes of the tensors / arrays / scalars inside `obj` (recursively)."""
+    if isinstance(obj, Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, np.ndarray):
+        return int(obj.nbytes)
+    if isinstance(obj, dict):
+        return sum(nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(nbytes(v) for v in obj)
+    if isinstance(obj, (int, float)):
+        return 8
+    return 0
+
+
+def _per_client(shared: dict[str, Tensor]) -> int:
+    """Bytes of one client's copy of the shared parameters (no client dim)."""
+    return sum(v.numel() * v.element_size() for v in shared.values())
+
+
+@dataclass(frozen=True)
+class Hello:
+    """Server -> worker at start-up: which users do you host?"""
+
+
+@dataclass(frozen=True)
+class HelloReply:
+    rank: int
+    users: np.ndarray          # global ids of the clients hosted there
+    item_ids: np.ndarray       # the public item catalogue (original ids, contiguous order)
+    id_base: int
+    id_space: int
+
+    def payload_bytes(self) -> int:
+        return nbytes(self.users) + nbytes(self.item_ids) + 16
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    """Train these clients from the global shared parameters for one round."""
+    round: int
+    users: np.ndarray                    # [N] participating clients on this worker
+    shared: dict[str, Tensor]            # global shared parameters
+    lr: float
+    lr_item: float
+    teacher: Optional[Tensor] = None     # [G', I] preference vectors of the groups here
+    teacher_row: Optional[np.ndarray] = None  # [N] row of `teacher` per client, -1 = none
+
+    def payload_bytes(self) -> int:
+        return nbytes(self.users) + nbytes(self.shared) + nbytes(self.teacher) \
+            + nbytes(self.teacher_row) + 16
+
+    def client_bytes(self) -> np.ndarray:
+        """Per client: shared parameters + its group's g_k (I floats) when it has one."""
+        base = _per_client(self.shared)
+        if self.teacher is None:
+            return np.full(len(self.users), base, dtype=np.int64)
+        g = self.teacher.shape[1] * self.teacher.element_size()
+        return base + np.where(self.teacher_row >= 0, g, 0).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class TrainReply:
+    round: int
+    users: np.ndarray                    # [N], sorted
+    shared: dict[str, Tensor]            # [N, ...] each client's trained shared params
+    n_samples: np.ndarray                # [N] training samples per epoch
+    loss: Tensor                         # [N] mean base loss
+    kl: Tensor                           # [N] mean distillation KL (0 without teacher)
+    seconds: float = 0.0
+
+    def payload_bytes(self) -> int:
+        return nbytes(self.users) + nbytes(self.shared) + nbytes(self.n_samples) \
+            + nbytes(self.loss) + nbytes(self.kl) + 16
+
+    def client_bytes(self) -> np.ndarray:
+        """Per client: its trained shared parameters (the loss reports are diagnostics)."""
+        per = sum(v[0].numel() * v.element_size() for v in self.shared.values())
+        return np.full(len(self.users), per, dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class EvalRequest:
+    """Evaluate every hosted client with the latest global shared parameters."""
+    round: int
+    shared: dict[str, Tensor]
+    splits: tuple = ("valid", "test")
+    n_clients: int = 0                    # clients hosted by the receiving worker
+
+    def payload_bytes(self) -> int:
+        return nbytes(self.shared) + 16
+
+    def client_bytes(self) -> np.ndarray:
+        """Per client: the latest shared parameters it scores with."""
+        return np.full(self.n_clients, _per_client(self.shared), dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class EvalReply:
+    round: int
+    sums: dict = field(default_factory=dict)   # split -> metric sums (incl. "users")
+    n_clients: int = 0
+    seconds: float = 0.0
+
+    def payload_bytes(self) -> int:
+        return sum(8 * len(v) for v in self.sums.values()) + 16
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    """Server -> worker: the run is over."""
+
+
+def stack_sorted(replies: list[TrainReply]) -> TrainReply:
+    """The replies of all workers as one, clients sorted by user id (fixed reduction order)."""
+    users = np.concatenate([r.users for r in replies])
+    order = np.argsort(users, kind="stable")
+    ord_t = torch.from_numpy(order)
+    cat = lambda xs: torch.cat(xs)[ord_t]
+    shared = {k: cat([r.shared[k] for r in replies]) for k in replies[0].shared}
+    return TrainReply(replies[0].round, users[order], shared,
+                      np.concatenate([r.n_samples for r in replies])[order],
+                      cat([r.loss for r in replies]), cat([r.kl for r in replies]),
+                      max(r.seconds for r in replies))

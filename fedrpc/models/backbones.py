@@ -1,0 +1,209 @@
+"""Federated recommendation backbones, written for many clients at once.
+
+Every parameter is stacked over clients: a client's table `T` is `[N, I, d]` (N clients)
+and a dense parameter is `[N, *shape]`. A backbone declares which parameters are
+*shared* (downloaded, trained, uploaded, aggregated) and which are *private* (never leave
+the client), and which are *tables* (indexed by item; only the rows of a minibatch take
+part in a step). Its forward works on the gathered rows of one minibatch per client.
+
+Backbones (score = sigmoid(logit)):
+- fedrap:   logit = w2 . ReLU(W1 [e_u ; P_u[i] + C[i]] + b1) + b2
+            shared C, W1, b1, w2, b2; private e_u, P_u. Regulariser
+            -alpha * MSE(P_u[B], C[B]) + beta * mean|C[B]|.
+- fedncf:   logit = w2 . ReLU(W1 [e_u ; Q[i]] + b1) + b2; shared Q, W1, b1, w2, b2;
+            private e_u.
+- fedavgmf: (FCF) logit = (e_u + w) . Q[i] + b; shared Q, w, b; private e_u.
+- pfedrec:  logit = (h_u + w) . Q[i] + c_u + b; shared Q, w, b; private score head
+            (h_u, c_u).
+For fedavgmf and pfedrec the shared (w, b) is a global preference head: the part of
+the score every client shares. Each backbone names its *head* (what the server groups
+clients by) and its *output layer* (w_out, b_out) that turns an item embedding into a
+preference; the group-fusion teacher uses it as g_k = sigmoid(F_k w_out + b_out).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    shape: tuple          # per-client shape; "I" stands for the number of items
+    shared: bool
+    table: bool = False   # first dim indexes items
+    init: str = "normal"  # normal | zeros | ones | xavier
+    std: float = 0.01
+
+    def full_shape(self, n_items: int) -> tuple:
+        return tuple(n_items if s == "I" else s for s in self.shape)
+
+
+def _init(p: Param, n: int, n_items: int, gen: torch.Generator) -> Tensor:
+    shape = (n, *p.full_shape(n_items))
+    if p.init == "zeros":
+        return torch.zeros(shape)
+    if p.init == "ones":
+        return torch.ones(shape)
+    if p.init == "xavier":
+        fan_out, fan_in = p.shape[-2], p.shape[-1]
+        bound = math.sqrt(6.0 / (fan_in + fan_out))
+        return (torch.rand(shape, generator=gen) * 2 - 1) * bound
+    return torch.randn(shape, generator=gen) * p.std
+
+
+class Backbone:
+    name = ""
+    head: tuple[str, ...] = ()        # shared dense params the server groups clients by
+    output: tuple[str, str] = ("", "")  # (w_out [d], b_out [1]) for the teacher
+    item_table = ""                   # the shared item table the fusion targets
+
+    def __init__(self, d: int):
+        self.d = d
+
+    def params(self) -> list[Param]:
+        raise NotImplementedError
+
+    def logits(self, rows: dict[str, Tensor], dense: dict[str, Tensor]) -> Tensor:
+        """rows: table params gathered for a minibatch [N, B, d]; dense: [N, ...] -> [N, B]."""
+        raise NotImplementedError
+
+    def regulariser(self, rows, dense, valid: Tensor, round_: int) -> Tensor | None:
+        """Extra per-client loss [N] (None = none); `valid` [N, B] marks real samples."""
+        return None
+
+    def score_all(self, shared: dict[str, Tensor], private: dict[str, Tensor]) -> Tensor:
+        """Logits of every item for n clients: global shared params (no client dim) and
+        the clients' private params [n, ...] -> [n, I]."""
+        n = next(iter(private.values())).shape[0]
+        rows, dense = {}, {}
+        for p in self.params():
+            v = shared[p.name].unsqueeze(0).expand(n, *shared[p.name].shape) if p.shared \
+                else private[p.name]
+            (rows if p.table else dense)[p.name] = v
+        return self.logits(rows, dense)
+
+    # -- helpers -----------------------------------------------------------------
+    def shared(self) -> list[Param]:
+        return [p for p in self.params() if p.shared]
+
+    def private(self) -> list[Param]:
+        return [p for p in self.params() if not p.shared]
+
+    def init_shared(self, n_items: int, seed: int) -> dict[str, Tensor]:
+        """The global shared parameters at round 0 (no client dim)."""
+        gen = torch.Generator().manual_seed(seed)
+        return {p.name: _init(p, 1, n_items, gen)[0] for p in self.shared()}
+
+    def init_private(self, n_items: int, seed: int, user: int) -> dict[str, Tensor]:
+        """A client's private parameters, drawn from its own (seed, user) stream."""
+        state = np.random.SeedSequence([seed, user, 0xC11E]).generate_state(1)[0]
+        gen = torch.Generator().manual_seed(int(state))
+        return {p.name: _init(p, 1, n_items, gen)[0] for p in self.private()}
+
+
+def _mlp_logits(e: Tensor, item_vec: Tensor, dense: dict[str, Tensor]) -> Tensor:
+    """w2 . ReLU(W1 [e ; x] + b1) + b2 for e [N, d], x [N, B, d]."""
+    W1 = dense["W1"]                                   # [N, d, 2d]
+    d = e.shape[-1]
+    user_part = torch.bmm(W1[:, :, :d], e.unsqueeze(-1)).squeeze(-1)          # [N, d]
+    h = torch.bmm(item_vec, W1[:, :, d:].transpose(1, 2))                    # [N, B, d]
+    h = torch.relu(h + (user_part + dense["b1"]).unsqueeze(1))
+    return torch.bmm(h, dense["w2"].unsqueeze(-1)).squeeze(-1) + dense["b2"]  # [N, B]
+
+
+class FedRAP(Backbone):
+    name = "fedrap"
+    head = ("W1", "b1", "w2", "b2")
+    output = ("w2", "b2")
+    item_table = "C"
+
+    def __init__(self, d: int, alpha: float = 0.1, beta: float = 0.1):
+        super().__init__(d)
+        self.alpha, self.beta = alpha, beta
+
+    def params(self):
+        d = self.d
+        return [Param("C", ("I", d), True, table=True), Param("W1", (d, 2 * d), True, init="xavier"),
+                Param("b1", (d,), True, init="zeros"), Param("w2", (d,), True, std=0.1),
+                Param("b2", (1,), True, init="zeros"),
+                Param("e", (d,), False), Param("P", ("I", d), False, table=True)]
+
+    def logits(self, rows, dense):
+        return _mlp_logits(dense["e"], rows["P"] + rows["C"], dense)
+
+    def regulariser(self, rows, dense, valid, round_):
+        # FedRAP anneals both weights from their initial values: tanh(round/10) * w0.
+        ramp = math.tanh(round_ / 10.0)
+        vf = valid.float()
+        n = (vf.sum(1) * self.d).clamp(min=1)
+        diff = rows["P"] - rows["C"]
+        mse = ((diff * diff).sum(-1) * vf).sum(1) / n
+        l1 = (rows["C"].abs().sum(-1) * vf).sum(1) / n
+        return ramp * (self.beta * l1 - self.alpha * mse)
+
+
+class FedNCF(Backbone):
+    name = "fedncf"
+    head = ("W1", "b1", "w2", "b2")
+    output = ("w2", "b2")
+    item_table = "Q"
+
+    def params(self):
+        d = self.d
+        return [Param("Q", ("I", d), True, table=True), Param("W1", (d, 2 * d), True, init="xavier"),
+                Param("b1", (d,), True, init="zeros"), Param("w2", (d,), True, std=0.1),
+                Param("b2", (1,), True, init="zeros"), Param("e", (d,), False)]
+
+    def logits(self, rows, dense):
+        return _mlp_logits(dense["e"], rows["Q"], dense)
+
+
+class FedAvgMF(Backbone):
+    name = "fedavgmf"
+    head = ("w", "b")
+    output = ("w", "b")
+    item_table = "Q"
+
+    def params(self):
+        d = self.d
+        return [Param("Q", ("I", d), True, table=True, std=0.1), Param("w", (d,), True, init="zeros"),
+                Param("b", (1,), True, init="zeros"), Param("e", (d,), False, std=0.1)]
+
+    def logits(self, rows, dense):
+        u = dense["e"] + dense["w"]
+        return torch.bmm(rows["Q"], u.unsqueeze(-1)).squeeze(-1) + dense["b"]
+
+
+class PFedRec(Backbone):
+    name = "pfedrec"
+    head = ("w", "b")
+    output = ("w", "b")
+    item_table = "Q"
+
+    def params(self):
+        d = self.d
+        return [Param("Q", ("I", d), True, table=True, std=0.1), Param("w", (d,), True, init="zeros"),
+                Param("b", (1,), True, init="zeros"), Param("h", (d,), False, std=0.1),
+                Param("c", (1,), False, init="zeros")]
+
+    def logits(self, rows, dense):
+        u = dense["h"] + dense["w"]
+        return torch.bmm(rows["Q"], u.unsqueeze(-1)).squeeze(-1) + dense["b"] + dense["c"]
+
+
+BACKBONES: dict[str, Callable[..., Backbone]] = {
+    "fedrap": FedRAP, "fedncf": FedNCF, "fedavgmf": FedAvgMF, "pfedrec": PFedRec}
+
+
+def make_backbone(name: str, d: int, **kw) -> Backbone:
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+    if name == "fedrap":
+        return FedRAP(d, **kw)
+    return BACKBONES[name](d)

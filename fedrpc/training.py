@@ -1,0 +1,228 @@
+"""Client-side local training, batched across clients (DESIGN principle 8).
+
+A round of local training for N clients runs as one loop over *steps*: at step s every
+client that still has a minibatch left trains on its own s-th minibatch, all in one set
+of tensor operations. Per-client semantics are kept exactly:
+- each client starts from the global shared parameters and its own private ones;
+- its samples are its training positives plus `num_negatives` fresh negatives each, drawn
+  from its (seed, round, user) stream; its epochs are shuffled by its own stream;
+- its loss is the mean over its own minibatch; its SGD step touches only its own
+  parameters: dense parameters, and the table rows of its minibatch (weight decay applies
+  to the parameters that take part in the step, as with the L1/MSE terms);
+- the distillation weight keeps a per-client EMA ratio.
+Training the clients one at a time (`batched=False`) runs the same code with N = 1.
+
+Clients are ordered by their number of steps (most first), so the clients active at step
+s are always a prefix: a step slices, it never gathers clients.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .data.sampling import TRAIN_NEGATIVES, negatives_for_users, user_rng
+from .models.backbones import Backbone
+
+SHUFFLE = 3  # purpose id of the per-client shuffling stream
+
+
+@dataclass
+class LocalSettings:
+    epochs: int = 5
+    batch_size: int = 256
+    num_negatives: int = 4
+    lr: float = 0.01
+    """Learning rate of dense parameters (network, user vectors, heads)."""
+    lr_item: float = 1.0
+    """Learning rate of item-table rows."""
+    weight_decay: float = 1e-4
+    seed: int = 0
+    round: int = 0
+    total_rounds: int = 1
+    ema_decay: float = 0.9
+    max_ratio: float = 1e3
+    """Upper bound of the loss-balancing ratio L_base / KL."""
+
+
+@dataclass
+class ClientBatch:
+    """What N clients train on this round, in user-id order."""
+    users: np.ndarray                       # [N] global user ids
+    items: np.ndarray                       # [N, S_max, B] item ids (0 where padding)
+    labels: np.ndarray                      # [N, S_max, B] float32
+    valid: np.ndarray                       # [N, S_max, B] bool
+    steps: np.ndarray                       # [N] steps of each client
+    n_samples: np.ndarray                   # [N] samples per epoch
+
+
+def build_client_batches(users: np.ndarray, train_indptr: np.ndarray, train_items: np.ndarray,
+                         known_indptr: np.ndarray, known_items: np.ndarray, n_items: int,
+                         s: LocalSettings) -> ClientBatch:
+    """Each client's minibatches for all its epochs: positives + fresh negatives, shuffled."""
+    pos = [train_items[train_indptr[u]:train_indptr[u + 1]] for u in users.tolist()]
+    counts = np.array([len(p) * s.num_negatives for p in pos], dtype=np.int64)
+    negs = negatives_for_users(s.seed, s.round, users, n_items, known_indptr, known_items,
+                               counts, TRAIN_NEGATIVES)
+    n_samples = np.array([len(p) + len(q) for p, q in zip(pos, negs)], dtype=np.int64)
+    per_epoch = -(-n_samples // s.batch_size)
+    steps = per_epoch * s.epochs
+    B, S = s.batch_size, int(steps.max(initial=0))
+    items = np.zeros((len(users), S, B), dtype=np.int64)
+    labels = np.zeros((len(users), S, B), dtype=np.float32)
+    valid = np.zeros((len(users), S, B), dtype=bool)
+    for c, u in enumerate(users.tolist()):
+        it = np.concatenate([pos[c], negs[c]])
+        y = np.concatenate([np.ones(len(pos[c]), np.float32), np.zeros(len(negs[c]), np.float32)])
+        rng = user_rng(s.seed, s.round, u, SHUFFLE)
+        slots = per_epoch[c] * B
+        for e in range(s.epochs):
+            order = rng.permutation(len(it))
+            rows = slice(e * per_epoch[c], (e + 1) * per_epoch[c])
+            buf_i = np.zeros(slots, np.int64)
+            buf_y = np.zeros(slots, np.float32)
+            buf_v = np.zeros(slots, bool)
+            buf_i[:len(it)], buf_y[:len(it)], buf_v[:len(it)] = it[order], y[order], True
+            items[c, rows] = buf_i.reshape(-1, B)
+            labels[c, rows] = buf_y.reshape(-1, B)
+            valid[c, rows] = buf_v.reshape(-1, B)
+    return ClientBatch(users, items, labels, valid, steps, n_samples)
+
+
+@dataclass
+class ClientState:
+    """Private state of the clients a worker hosts (rows follow `users`)."""
+    users: np.ndarray
+    private: dict[str, Tensor]          # [M, ...] per parameter
+    ratio: Tensor                       # [M] EMA of L_base / KL; NaN = not yet set
+    group: Tensor                       # [M] last group id, -1 = never grouped
+
+    @classmethod
+    def create(cls, backbone: Backbone, users: np.ndarray, n_items: int, seed: int):
+        per_user = [backbone.init_private(n_items, seed, int(u)) for u in users]
+        private = {p.name: torch.stack([pu[p.name] for pu in per_user])
+                   for p in backbone.private()}
+        m = len(users)
+        return cls(users, private, torch.full((m,), float("nan")),
+                   torch.full((m,), -1, dtype=torch.long))
+
+    def slots(self, users: np.ndarray) -> Tensor:
+        idx = np.searchsorted(self.users, users)
+        if np.any(idx >= len(self.users)) or np.any(self.users[np.minimum(idx, len(self.users) - 1)] != users):
+            raise KeyError("some users are not hosted here")
+        return torch.from_numpy(idx.astype(np.int64))
+
+
+@dataclass
+class TrainOutput:
+    shared: dict[str, Tensor]           # [N, ...] each client's trained shared params
+    loss: Tensor                        # [N] mean base loss over the client's steps
+    kl: Tensor                          # [N] mean KL over the client's steps (0 if none)
+    n_samples: np.ndarray
+    stats: dict = field(default_factory=dict)
+
+
+def _sgd_rows(table: Tensor, flat: Tensor, grad: Tensor, valid: Tensor, lr: float,
+              wd: float) -> None:
+    """SGD on rows `flat` [K] of `table` viewed as [M * I, d], with gradients `grad` [K, d].
+
+    Gradients of a repeated row add up; weight decay applies once to each row that a
+    valid sample touched (padding carries zero gradient and no decay).
+    """
+    d = table.shape[-1]
+    view = table.view(-1, d)
+    uniq, inv = torch.unique(flat, return_inverse=True)
+    g = torch.zeros(len(uniq), d, dtype=grad.dtype).index_add_(0, inv, grad)
+    touched = torch.zeros(len(uniq), dtype=grad.dtype).index_add_(0, inv, valid.to(grad.dtype)) > 0
+    old = view.index_select(0, uniq)
+    decay = torch.where(touched, wd, 0.0).to(grad.dtype).unsqueeze(1)
+    view.index_copy_(0, uniq, old - lr * (g + decay * old))
+
+
+def batch_n_items(tables: dict) -> int:
+    return next(iter(tables.values()))[0].shape[1]
+
+
+def train_clients(backbone: Backbone, global_shared: dict[str, Tensor], state: ClientState,
+                  batch: ClientBatch, s: LocalSettings, teacher: Optional[Tensor] = None,
+                  groups: Optional[Tensor] = None) -> TrainOutput:
+    """Local training of the clients in `batch`; updates their private state in place.
+
+    teacher [G, I]: the groups' preference g_k (None in round 0 / without fusion);
+    groups [N]: each client's group id (-1 = none: no distillation for that client).
+    """
+    N = len(batch.users)
+    order = np.argsort(-batch.steps, kind="stable")          # most steps first
+    steps_sorted = batch.steps[order]
+    ord_t = torch.from_numpy(order)
+    slots = state.slots(batch.users)[ord_t]                  # private-storage rows
+    items = torch.from_numpy(batch.items[order])
+    labels = torch.from_numpy(batch.labels[order])
+    valid = torch.from_numpy(batch.valid[order])
+    grp = (groups[ord_t] if groups is not None else torch.full((N,), -1, dtype=torch.long))
+
+    # every client starts from the global shared parameters
+    shared = {p.name: global_shared[p.name].unsqueeze(0).repeat(N, *([1] * global_shared[p.name].dim()))
+              for p in backbone.shared()}
+    tables = {p.name: (shared[p.name], torch.arange(N)) if p.shared else
+              (state.private[p.name], slots) for p in backbone.params() if p.table}
+    dense_store = {p.name: (shared[p.name], torch.arange(N)) if p.shared else
+                   (state.private[p.name], slots) for p in backbone.params() if not p.table}
+    ratio = state.ratio[slots].clone()
+    distill_w = math.cos(math.pi * s.round / (2 * max(s.total_rounds, 1)))
+    sum_base = torch.zeros(N, dtype=torch.float64)
+    sum_kl = torch.zeros(N, dtype=torch.float64)
+    n_items, d = batch_n_items(tables), backbone.d
+
+    for step in range(int(steps_sorted[0]) if N else 0):
+        n = int(np.searchsorted(-steps_sorted, -step, side="left"))  # clients with steps > step
+        it, y, v = items[:n, step], labels[:n, step], valid[:n, step]
+        flat = {name: (owner[:n].unsqueeze(1) * n_items + it).reshape(-1)
+                for name, (_, owner) in tables.items()}
+        rows = {name: store.view(-1, d).index_select(0, flat[name]).view(n, -1, d).requires_grad_(True)
+                for name, (store, _) in tables.items()}
+        dense = {name: store.index_select(0, owner[:n]).requires_grad_(True)
+                 for name, (store, owner) in dense_store.items()}
+        logits = backbone.logits(rows, dense)
+        vf = v.float()
+        cnt = vf.sum(1).clamp(min=1)
+        bce = (F.binary_cross_entropy_with_logits(logits, y, reduction="none") * vf).sum(1) / cnt
+        reg = backbone.regulariser(rows, dense, v, s.round)
+        base = bce if reg is None else bce + reg
+        loss = base
+        if teacher is not None:
+            has = grp[:n] >= 0
+            q = teacher[grp[:n].clamp(min=0).unsqueeze(1), it].clamp(1e-7, 1.0)
+            p = torch.sigmoid(logits).clamp(1e-7, 1 - 1e-7)
+            q1 = (1 - q).clamp(min=1e-7)
+            kl_el = q * (q.log() - p.log()) + q1 * (q1.log() - (1 - p).log())
+            kl = (kl_el * vf).sum(1) / cnt
+            cur = (base.detach() / kl.detach().clamp(min=1e-8)).clamp(max=s.max_ratio)
+            prev = ratio[:n]
+            new = torch.where(torch.isnan(prev), cur, s.ema_decay * prev + (1 - s.ema_decay) * cur)
+            ratio[:n] = torch.where(has, new, prev)
+            lam = torch.where(has, ratio[:n].nan_to_num(0.0) * distill_w, torch.zeros_like(cur))
+            loss = base + lam * kl
+            sum_kl[:n] += torch.where(has, kl.detach(), torch.zeros_like(kl)).double()
+        sum_base[:n] += base.detach().double()
+        leaves = list(rows.values()) + list(dense.values())
+        grads = torch.autograd.grad(loss.sum(), leaves)
+        with torch.no_grad():
+            vflat = v.reshape(-1)
+            for (name, (store, _)), g in zip(tables.items(), grads[:len(rows)]):
+                _sgd_rows(store, flat[name], g.reshape(-1, d), vflat, s.lr_item, s.weight_decay)
+            for (name, p), g in zip(dense.items(), grads[len(rows):]):
+                store, owner = dense_store[name]
+                store.index_copy_(0, owner[:n], p.detach() - s.lr * (g + s.weight_decay * p.detach()))
+
+    state.ratio[slots] = ratio
+    inv = torch.from_numpy(np.argsort(order, kind="stable"))
+    steps_t = torch.from_numpy(np.maximum(steps_sorted, 1)).double()
+    return TrainOutput(shared={k: v[inv] for k, v in shared.items()},
+                       loss=(sum_base / steps_t)[inv].float(), kl=(sum_kl / steps_t)[inv].float(),
+                       n_samples=batch.n_samples)

@@ -1,0 +1,109 @@
+"""A worker rank: hosts a shard of the federation's clients, trains and evaluates them.
+
+The worker reads interactions (never item content), keeps its clients' private
+parameters, and answers the server's messages. Clients are trained together in batched
+tensor operations (fedrpc.training); evaluation runs here and only metric sums leave.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .config import Config
+from .data import Interactions, catalogue_of, load_interactions, split_of
+from .data.prepare import csr_by_user
+from .messages import (EvalReply, EvalRequest, Hello, HelloReply, Shutdown, TrainReply,
+                       TrainRequest)
+from .metrics import evaluate_users
+from .models import make_backbone
+from .training import ClientState, LocalSettings, build_client_batches, train_clients
+
+log = logging.getLogger(__name__)
+
+
+def shard_users(n_users: int, n_workers: int, index: int) -> np.ndarray:
+    """The users hosted by worker `index` (0-based) of `n_workers`: u mod n_workers."""
+    return np.arange(index, n_users, n_workers, dtype=np.int64)
+
+
+def make_backbone_from(cfg: Config):
+    f = cfg.fed
+    kw = {"alpha": f.alpha, "beta": f.beta} if f.backbone == "fedrap" else {}
+    return make_backbone(f.backbone, f.latent_dim, **kw)
+
+
+class Worker:
+    def __init__(self, cfg: Config, rank: int, n_workers: int,
+                 inter: Optional[Interactions] = None):
+        self.cfg, self.rank = cfg, rank
+        inter = inter if inter is not None else load_interactions(cfg)
+        self.split = split_of(cfg, inter)
+        self.n_items = inter.n_items
+        self.catalogue = catalogue_of(cfg, inter)
+        self.users = shard_users(inter.n_users, n_workers, rank - 1)
+        self.known_indptr, self.known_items = csr_by_user(inter.n_users, inter.user, inter.item)
+        self.backbone = make_backbone_from(cfg)
+        self.state = ClientState.create(self.backbone, self.users, self.n_items, cfg.run.seed)
+
+    # ------------------------------------------------------------------ dispatch
+    def handle(self, msg):
+        if isinstance(msg, TrainRequest):
+            return self.train(msg)
+        if isinstance(msg, EvalRequest):
+            return self.evaluate(msg)
+        if isinstance(msg, Hello):
+            c = self.catalogue
+            return HelloReply(self.rank, self.users, c.item_ids, c.id_base, c.id_space)
+        if isinstance(msg, Shutdown):
+            return None
+        raise TypeError(f"unexpected message {type(msg).__name__}")
+
+    # ------------------------------------------------------------------ training
+    def settings(self, req: TrainRequest) -> LocalSettings:
+        f = self.cfg.fed
+        return LocalSettings(epochs=f.local_epochs, batch_size=f.batch_size,
+                             num_negatives=f.num_negatives, lr=req.lr, lr_item=req.lr_item,
+                             weight_decay=f.weight_decay, seed=self.cfg.run.seed,
+                             round=req.round, total_rounds=f.rounds,
+                             ema_decay=self.cfg.gfmfr.ema_decay)
+
+    def train(self, req: TrainRequest) -> TrainReply:
+        t0 = time.perf_counter()
+        s = self.settings(req)
+        groups = None if req.teacher_row is None else torch.from_numpy(req.teacher_row)
+        chunks = [req.users] if self.cfg.fed.batched else [req.users[j:j + 1]
+                                                           for j in range(len(req.users))]
+        outs = []
+        for users in chunks:
+            batch = build_client_batches(users, self.split.train_indptr, self.split.train_items,
+                                         self.known_indptr, self.known_items, self.n_items, s)
+            g = None
+            if groups is not None:
+                g = groups[torch.from_numpy(np.searchsorted(req.users, users))]
+            outs.append(train_clients(self.backbone, req.shared, self.state, batch, s,
+                                      req.teacher, g))
+        cat = lambda xs: torch.cat(xs) if len(xs) > 1 else xs[0]
+        return TrainReply(req.round, req.users,
+                          {k: cat([o.shared[k] for o in outs]) for k in outs[0].shared},
+                          np.concatenate([o.n_samples for o in outs]),
+                          cat([o.loss for o in outs]), cat([o.kl for o in outs]),
+                          time.perf_counter() - t0)
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, req: EvalRequest) -> EvalReply:
+        t0 = time.perf_counter()
+        e = self.cfg.eval
+
+        def score(users: np.ndarray) -> torch.Tensor:
+            slots = self.state.slots(users)
+            private = {k: v[slots] for k, v in self.state.private.items()}
+            with torch.no_grad():
+                return self.backbone.score_all(req.shared, private)
+
+        sums = evaluate_users(score, self.split, self.users, list(req.splits), e.ks, e.mode,
+                              e.sampled_negatives, self.cfg.run.seed, e.batch_users)
+        return EvalReply(req.round, sums, len(self.users), time.perf_counter() - t0)
