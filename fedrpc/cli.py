@@ -41,23 +41,34 @@ def _cmd_data_stats(args) -> int:
 
 
 def _cmd_baseline(args) -> int:
-    from .baselines import run_popularity
+    from .baselines import run_central_mf, run_popularity
     from .reporting import format_metrics, write_json
     cfg = load_config(args.config, args.overrides)
-    result = {"model": args.model, **run_popularity(cfg)}
+    if args.model == "popularity":
+        result = {"model": args.model, **run_popularity(cfg)}
+    else:
+        result = {"model": args.model, **run_central_mf(cfg, args.epochs, args.lr)}
     out = Path(cfg.run.out_dir)
     write_json(out / f"baseline_{args.model}.json", result)
     for which in ("valid", "test"):
         print(f"{args.model} {which}: {format_metrics(result[which], cfg.eval.ks)}")
+    if "best_round" in result:
+        print(f"(test at the best validation epoch, {result['best_round']})")
     print(f"written: {out / f'baseline_{args.model}.json'}")
     return 0
 
 
 def _cmd_run(args) -> int:
     from .reporting import format_metrics
-    from .runtime import run
+    from .runtime import RunError, run
     cfg = load_config(args.config, args.overrides)
-    summary = run(cfg)
+    try:
+        summary = run(cfg)
+    except RunError as e:       # a rank failed; the message names it
+        print(f"fedrpc: error: {e}", file=sys.stderr)
+        return 1
+    if summary is None:         # an RPC worker rank: the server reports
+        return 0
     k = cfg.eval.ks
     if "test" in summary:
         print(f"best round {summary['best_round']} (by {summary['selected_by']}): "
@@ -96,7 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     bl = sub.add_parser("baseline", help="evaluate a non-federated reference model")
     _add_config_args(bl)
-    bl.add_argument("--model", choices=["popularity"], default="popularity")
+    bl.add_argument("--model", choices=["popularity", "mf"], default="popularity",
+                    help="popularity (the floor) or mf: centralised matrix factorisation "
+                         "(the ceiling), latent size fed.latent_dim")
+    bl.add_argument("--epochs", type=int, default=30, help="mf: training epochs")
+    bl.add_argument("--lr", type=float, default=0.005, help="mf: Adam learning rate")
     bl.set_defaults(func=_cmd_baseline)
     return ap
 

@@ -198,6 +198,12 @@ class GFMFRConfig:
     fusion_batch_size: int = 4096
     ema_decay: float = 0.9
     """Decay of the per-client EMA of L_base / KL that scales the distillation term."""
+    teacher: Literal["output", "head"] = "output"
+    """How a group's fused item embeddings F_k become its preference g_k: output =
+    sigmoid(F_k w_out + b_out) with the group's averaged output layer (the paper);
+    head = the group's averaged shared scoring network applied to F_k with no user part."""
+    max_ratio: float = 1000.0
+    """Cap of the ratio L_base / KL (the distillation weight before the cosine schedule)."""
 
     def validate(self, key: str) -> None:
         check(self.groups >= 1, f"{key}.groups", "must be >= 1")
@@ -209,6 +215,7 @@ class GFMFRConfig:
         check(self.fusion_lr > 0, f"{key}.fusion_lr", "must be > 0")
         check(self.fusion_batch_size >= 1, f"{key}.fusion_batch_size", "must be >= 1")
         check(0.0 <= self.ema_decay < 1.0, f"{key}.ema_decay", "must be in [0, 1)")
+        check(self.max_ratio > 0, f"{key}.max_ratio", "must be > 0")
 
 
 @dataclass

@@ -54,34 +54,46 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor,
     return ranks
 
 
-def metric_sums(ranks: torch.Tensor, ks: Iterable[int]) -> dict[str, float]:
-    """Sums over users of HR/NDCG/Recall@K and MRR; rows with no target are skipped."""
+SCALE = 2 ** 40
+"""Metric sums are fixed-point integers (value * 2^40, rounded per user): integer sums do
+not depend on how users are split over workers or in what order the sums are added, so
+the federated metrics are bit-identical for any number of ranks."""
+
+
+def _fixed(per_user: torch.Tensor) -> int:
+    return int(torch.round(per_user.double() * SCALE).long().sum())
+
+
+def metric_sums(ranks: torch.Tensor, ks: Iterable[int]) -> dict[str, int]:
+    """Fixed-point sums over users of HR/NDCG/Recall@K and MRR; rows with no target are
+    skipped. `finalize` turns sums into means."""
     ranks = ranks.double()
     n = torch.isfinite(ranks).sum(1)
     keep = n > 0
     ranks, n = ranks[keep], n[keep].double()
-    out = {"users": float(keep.sum())}
+    out = {"users": int(keep.sum())}
     gains = 1.0 / torch.log2(1.0 + ranks)                  # 0 where rank is inf
     best = ranks.min(1).values
     for k in ks:
         hit = ranks <= k
         ideal_terms = 1.0 / torch.log2(torch.arange(2, k + 2, dtype=torch.float64))
         ideal = torch.cumsum(ideal_terms, 0)[(n.clamp(max=k) - 1).long()]
-        out[f"HR@{k}"] = float((best <= k).double().sum())
-        out[f"NDCG@{k}"] = float(((gains * hit).sum(1) / ideal).sum())
-        out[f"Recall@{k}"] = float((hit.sum(1).double() / n).sum())
-    out["MRR"] = float((1.0 / best).sum())
+        out[f"HR@{k}"] = _fixed((best <= k).double())
+        out[f"NDCG@{k}"] = _fixed((gains * hit).sum(1) / ideal)
+        out[f"Recall@{k}"] = _fixed(hit.sum(1).double() / n)
+    out["MRR"] = _fixed(1.0 / best)
     return out
 
 
-def add_sums(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
-    return {k: a.get(k, 0.0) + b.get(k, 0.0) for k in sorted(set(a) | set(b))}
+def add_sums(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
+    return {k: a.get(k, 0) + b.get(k, 0) for k in sorted(set(a) | set(b))}
 
 
-def finalize(sums: dict[str, float]) -> dict[str, float]:
+def finalize(sums: dict[str, int]) -> dict[str, float]:
     """Means over users from metric sums."""
-    n = sums.get("users", 0.0)
-    return {k: (v / n if n else 0.0) for k, v in sums.items() if k != "users"} | {"users": n}
+    n = sums.get("users", 0)
+    return {k: (v / SCALE / n if n else 0.0) for k, v in sums.items() if k != "users"} \
+        | {"users": n}
 
 
 def _csr_rows(indptr: np.ndarray, items: np.ndarray, users: np.ndarray):
@@ -107,7 +119,7 @@ def evaluate_users(score_fn: Callable[[np.ndarray], torch.Tensor], split: Split,
     """
     splits = [which] if isinstance(which, str) else list(which)
     ks = list(ks)
-    sums = {w: {"users": 0.0} for w in splits}
+    sums = {w: {"users": 0} for w in splits}
     for start in range(0, len(users), batch_users):
         batch = users[start:start + batch_users]
         scores = score_fn(batch).detach().to("cpu", torch.float64)

@@ -150,16 +150,24 @@ class Server:
                                text_mask=fx.text_mask, image_mask=fx.image_mask)
         fused = alg.fused_items(fz, fx.text, fx.image, (fx.text_mask, fx.image_mask),
                                 torch.arange(g.groups))
-        w_name, b_name = bb.output
-        w_out, b_out = _group_means(up.shared[w_name], labels, g.groups, self.shared[w_name])
-        b_mean, _ = _group_means(up.shared[b_name], labels, g.groups, self.shared[b_name])
-        gs.teacher = alg.teacher_preferences(fused, w_out, b_mean.reshape(-1))
+        gs.teacher = self._teacher(fused, up, labels)
         t["fusion"] = time.perf_counter() - tic
         return {"group_sizes": np.bincount(labels, minlength=g.groups).tolist(),
                 "fallback_groups": list(map(int, info["fallback"])),
                 "excluded_uploads": int(info["n_excluded_nonfinite"] + info["n_excluded_outlier"]),
                 "fusion_loss": float(res["losses"][-1]) if res["losses"] else None,
                 "fusion_epochs": int(res["epochs_run"])}
+
+    def _teacher(self, fused: torch.Tensor, up: TrainReply, labels: np.ndarray) -> torch.Tensor:
+        """g_k over all items from the fused embeddings and the group's averaged head."""
+        g, bb = self.cfg.gfmfr, self.backbone
+        names = bb.output if g.teacher == "output" else bb.head
+        head = {n: _group_means(up.shared[n], labels, g.groups, self.shared[n])
+                for n in names}
+        if g.teacher == "output":
+            w, b = (head[n] for n in bb.output)
+            return alg.teacher_preferences(fused, w, b.reshape(-1))
+        return torch.sigmoid(bb.group_logits(fused, head)).clamp(1e-7, 1 - 1e-7)
 
     def _fusion_model(self):
         if self.fusion is None:
@@ -198,12 +206,11 @@ def _one_catalogue(hello: dict[int, HelloReply]) -> Catalogue:
 
 
 def _group_means(values: torch.Tensor, labels: np.ndarray, n_groups: int,
-                 fallback: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean of `values` [N, ...] per group [G, ...]; empty groups take `fallback`."""
+                 fallback: torch.Tensor) -> torch.Tensor:
+    """Mean of `values` [N, ...] per group -> [G, ...]; empty groups take `fallback`."""
     lab = torch.from_numpy(np.asarray(labels, dtype=np.int64))
-    out = torch.stack([values[lab == k].mean(0) if (lab == k).any() else fallback
-                       for k in range(n_groups)])
-    return out, lab
+    return torch.stack([values[lab == k].mean(0) if (lab == k).any() else fallback
+                        for k in range(n_groups)])
 
 
 # ---------------------------------------------------------------------- the run

@@ -5,7 +5,8 @@ client that still has a minibatch left trains on its own s-th minibatch, all in 
 of tensor operations. Per-client semantics are kept exactly:
 - each client starts from the global shared parameters and its own private ones;
 - its samples are its training positives plus `num_negatives` fresh negatives each, drawn
-  from its (seed, round, user) stream; its epochs are shuffled by its own stream;
+  from its (seed, round, user) stream among the items outside its training positives;
+  its epochs are shuffled by its own stream;
 - its loss is the mean over its own minibatch; its SGD step touches only its own
   parameters: dense parameters, and the table rows of its minibatch (weight decay applies
   to the parameters that take part in the step, as with the L1/MSE terms);
@@ -62,12 +63,17 @@ class ClientBatch:
 
 
 def build_client_batches(users: np.ndarray, train_indptr: np.ndarray, train_items: np.ndarray,
-                         known_indptr: np.ndarray, known_items: np.ndarray, n_items: int,
-                         s: LocalSettings) -> ClientBatch:
-    """Each client's minibatches for all its epochs: positives + fresh negatives, shuffled."""
+                         n_items: int, s: LocalSettings) -> ClientBatch:
+    """Each client's minibatches for all its epochs: positives + fresh negatives, shuffled.
+
+    Negatives come from the items outside the client's training positives. Held-out
+    (validation / test) items are unknown to training and may be drawn: excluding them
+    would leak them, since a model with per-user item rows (FedRAP's P_u) would learn that
+    the only items never pushed down are the held-out ones.
+    """
     pos = [train_items[train_indptr[u]:train_indptr[u + 1]] for u in users.tolist()]
     counts = np.array([len(p) * s.num_negatives for p in pos], dtype=np.int64)
-    negs = negatives_for_users(s.seed, s.round, users, n_items, known_indptr, known_items,
+    negs = negatives_for_users(s.seed, s.round, users, n_items, train_indptr, train_items,
                                counts, TRAIN_NEGATIVES)
     n_samples = np.array([len(p) + len(q) for p, q in zip(pos, negs)], dtype=np.int64)
     per_epoch = -(-n_samples // s.batch_size)

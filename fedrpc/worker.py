@@ -15,7 +15,6 @@ import torch
 
 from .config import Config
 from .data import Interactions, catalogue_of, load_interactions, split_of
-from .data.prepare import csr_by_user
 from .messages import (EvalReply, EvalRequest, Hello, HelloReply, Shutdown, TrainReply,
                        TrainRequest)
 from .metrics import evaluate_users
@@ -45,7 +44,6 @@ class Worker:
         self.n_items = inter.n_items
         self.catalogue = catalogue_of(cfg, inter)
         self.users = shard_users(inter.n_users, n_workers, rank - 1)
-        self.known_indptr, self.known_items = csr_by_user(inter.n_users, inter.user, inter.item)
         self.backbone = make_backbone_from(cfg)
         self.state = ClientState.create(self.backbone, self.users, self.n_items, cfg.run.seed)
 
@@ -69,7 +67,8 @@ class Worker:
                              num_negatives=f.num_negatives, lr=req.lr, lr_item=req.lr_item,
                              weight_decay=f.weight_decay, seed=self.cfg.run.seed,
                              round=req.round, total_rounds=f.rounds,
-                             ema_decay=self.cfg.gfmfr.ema_decay)
+                             ema_decay=self.cfg.gfmfr.ema_decay,
+                             max_ratio=self.cfg.gfmfr.max_ratio)
 
     def train(self, req: TrainRequest) -> TrainReply:
         t0 = time.perf_counter()
@@ -80,7 +79,7 @@ class Worker:
         outs = []
         for users in chunks:
             batch = build_client_batches(users, self.split.train_indptr, self.split.train_items,
-                                         self.known_indptr, self.known_items, self.n_items, s)
+                                         self.n_items, s)
             g = None
             if groups is not None:
                 g = groups[torch.from_numpy(np.searchsorted(req.users, users))]

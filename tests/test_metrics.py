@@ -7,7 +7,7 @@ import torch
 
 from fedrpc.data.prepare import _split_from_labels
 from fedrpc.data.types import Interactions
-from fedrpc.metrics import evaluate_users, finalize, metric_sums, target_ranks
+from fedrpc.metrics import add_sums, evaluate_users, finalize, metric_sums, target_ranks
 
 
 def ranks(scores, targets, mask=None):
@@ -40,6 +40,16 @@ def test_several_held_out_items():
     assert ranks([0.9, 0.5, 0.5, 0.7], [1, -1]) == [4.0, math.inf]
 
 
+def test_sums_do_not_depend_on_how_users_are_split():
+    r = torch.rand(50, 1, dtype=torch.float64) * 40 + 1
+    whole = metric_sums(r, [10])
+    parts = [metric_sums(r[i:i + 7], [10]) for i in range(0, 50, 7)]
+    total = {}
+    for p in reversed(parts):
+        total = add_sums(total, p)
+    assert total == whole
+
+
 def test_metric_values_by_hand():
     r = torch.tensor([[3.0], [1.0], [12.0]], dtype=torch.float64)
     m = finalize(metric_sums(r, [1, 5, 20]))
@@ -55,7 +65,7 @@ def test_metric_values_by_hand():
 
 def test_multi_target_ndcg_and_recall():
     r = torch.tensor([[3.0, 4.0]], dtype=torch.float64)
-    m = metric_sums(r, [3, 5])
+    m = finalize(metric_sums(r, [3, 5]))
     ideal = 1 + 1 / math.log2(3)
     assert m["NDCG@3"] == pytest.approx(0.5 / ideal)
     assert m["NDCG@5"] == pytest.approx((0.5 + 1 / math.log2(5)) / ideal)
@@ -94,6 +104,6 @@ def test_sampled_mode_is_seeded_and_never_samples_known_items():
                        sampled_negatives=3, seed=1)
     assert a == b
     # user 0 may only draw negatives from {4, 5}; both score above item 3 -> rank 4
-    m = evaluate_users(fn, split, np.array([0]), "test", [1, 4], mode="sampled",
-                       sampled_negatives=3, seed=1)
+    m = finalize(evaluate_users(fn, split, np.array([0]), "test", [1, 4], mode="sampled",
+                                sampled_negatives=3, seed=1))
     assert m["HR@4"] == 1.0 and m["MRR"] == pytest.approx(1 / 4)

@@ -77,6 +77,12 @@ class Backbone:
         """Extra per-client loss [N] (None = none); `valid` [N, B] marks real samples."""
         return None
 
+    def group_logits(self, F: Tensor, head: dict[str, Tensor]) -> Tensor:
+        """A group's preference logits over items from fused item embeddings F [G, I, d]
+        and the group's averaged shared dense parameters head[name] [G, ...]: the
+        backbone's own scoring with no private part (no user vector). [G, I]."""
+        raise NotImplementedError
+
     def score_all(self, shared: dict[str, Tensor], private: dict[str, Tensor]) -> Tensor:
         """Logits of every item for n clients: global shared params (no client dim) and
         the clients' private params [n, ...] -> [n, I]."""
@@ -137,6 +143,9 @@ class FedRAP(Backbone):
     def logits(self, rows, dense):
         return _mlp_logits(dense["e"], rows["P"] + rows["C"], dense)
 
+    def group_logits(self, F, head):
+        return _mlp_logits(torch.zeros(F.shape[0], self.d), F, head)
+
     def regulariser(self, rows, dense, valid, round_):
         # FedRAP anneals both weights from their initial values: tanh(round/10) * w0.
         ramp = math.tanh(round_ / 10.0)
@@ -163,6 +172,9 @@ class FedNCF(Backbone):
     def logits(self, rows, dense):
         return _mlp_logits(dense["e"], rows["Q"], dense)
 
+    def group_logits(self, F, head):
+        return _mlp_logits(torch.zeros(F.shape[0], self.d), F, head)
+
 
 class FedAvgMF(Backbone):
     name = "fedavgmf"
@@ -178,6 +190,9 @@ class FedAvgMF(Backbone):
     def logits(self, rows, dense):
         u = dense["e"] + dense["w"]
         return torch.bmm(rows["Q"], u.unsqueeze(-1)).squeeze(-1) + dense["b"]
+
+    def group_logits(self, F, head):
+        return torch.bmm(F, head["w"].unsqueeze(-1)).squeeze(-1) + head["b"]
 
 
 class PFedRec(Backbone):
@@ -195,6 +210,9 @@ class PFedRec(Backbone):
     def logits(self, rows, dense):
         u = dense["h"] + dense["w"]
         return torch.bmm(rows["Q"], u.unsqueeze(-1)).squeeze(-1) + dense["b"] + dense["c"]
+
+    def group_logits(self, F, head):
+        return torch.bmm(F, head["w"].unsqueeze(-1)).squeeze(-1) + head["b"]
 
 
 BACKBONES: dict[str, Callable[..., Backbone]] = {

@@ -1,0 +1,118 @@
+"""The federation in one process: reproducibility, independence from the number of
+workers, exact byte accounting, privacy of what the server receives, failures."""
+import numpy as np
+import pytest
+import torch
+
+from fedrpc.config import load_config
+from fedrpc.messages import EvalReply, HelloReply, TrainReply
+from fedrpc.runtime import run_local
+from fedrpc.transport import WorkerError
+from fedrpc.worker import Worker
+
+SMALL = ["data.synthetic.users=30", "data.synthetic.items=50",
+         "data.synthetic.mean_interactions=10", "data.synthetic.min_interactions=5",
+         "fed.latent_dim=8", "fed.local_epochs=1", "fed.batch_size=32", "fed.rounds=3",
+         "gfmfr.groups=3", "gfmfr.fusion_epochs=3", "run.progress=false",
+         "encoder.cache=false"]
+
+
+def run(tmp_path, *over):
+    cfg = load_config(None, SMALL + [f"run.out_dir={tmp_path}", *over])
+    return run_local(cfg)
+
+
+def metrics(summary_dir):
+    import json
+    return [json.loads(l).get("metrics") for l in open(summary_dir / "rounds.jsonl")]
+
+
+def test_same_seed_same_numbers(tmp_path):
+    a = run(tmp_path / "a")
+    b = run(tmp_path / "b")
+    assert metrics(tmp_path / "a") == metrics(tmp_path / "b")
+    assert a["test"] == b["test"]
+    c = run(tmp_path / "c", "run.seed=1")
+    assert metrics(tmp_path / "c") != metrics(tmp_path / "a")
+
+
+@pytest.mark.parametrize("backbone", ["fedrap", "fedavgmf"])
+def test_numbers_do_not_depend_on_the_number_of_workers(tmp_path, backbone):
+    for w in (1, 2, 3):
+        run(tmp_path / f"w{w}", f"fed.workers={w}", f"fed.backbone={backbone}",
+            "fed.client_fraction=0.6")
+    assert metrics(tmp_path / "w1") == metrics(tmp_path / "w2") == metrics(tmp_path / "w3")
+
+
+def test_batched_run_equals_one_client_at_a_time(tmp_path):
+    run(tmp_path / "b", "fed.rounds=2")
+    run(tmp_path / "o", "fed.rounds=2", "fed.batched=false")
+    mb, mo = metrics(tmp_path / "b"), metrics(tmp_path / "o")
+    for rb, ro in zip(mb, mo):
+        for split in ("valid", "test"):
+            for k, v in rb[split].items():
+                assert v == pytest.approx(ro[split][k], abs=1e-6)
+
+
+def test_logical_bytes_equal_the_protocol_formula(tmp_path):
+    import json
+    from fedrpc.data import load_interactions
+    run(tmp_path, "fed.workers=2")
+    I = load_interactions(load_config(None, SMALL)).n_items
+    d, F = 8, 4
+    shared = (I * d + 2 * d * d + d + d + 1) * F          # C + W1, b1, w2, b2
+    recs = [json.loads(l) for l in open(tmp_path / "rounds.jsonl")]
+    for rec in recs:
+        lg = rec["bytes"]["logical"]
+        n = rec["clients"]
+        assert n == 30
+        down = shared + (I * F if rec["round"] >= 1 else 0)    # + g_k from round 1
+        assert lg["train_down"] == {"clients": n, "mean": down, "max": down, "total": n * down}
+        assert lg["train_up"] == {"clients": n, "mean": shared, "max": shared, "total": n * shared}
+        phys = rec["bytes"]["physical"]
+        assert set(phys) == {"0->1", "1->0", "0->2", "2->0"}
+        # one copy of the shared parameters per worker crosses, not one per client
+        assert phys["0->1"]["payload"] < lg["train_down"]["total"]
+
+
+def test_server_receives_no_interactions_and_no_private_parameters(tmp_path, monkeypatch):
+    received = []
+    orig = Worker.handle
+
+    def spy(self, msg):
+        reply = orig(self, msg)
+        received.append((self, reply))
+        return reply
+
+    monkeypatch.setattr(Worker, "handle", spy)
+    run(tmp_path, "fed.workers=2")
+    assert received
+    for worker, reply in received:
+        private = [v for v in worker.state.private.values()]
+        if isinstance(reply, TrainReply):
+            assert set(reply.shared) == {p.name for p in worker.backbone.shared()}
+            for t in reply.shared.values():
+                for p in private:
+                    assert t.shape[1:] != p.shape[1:] or not torch.equal(t, p[:len(t)])
+            # the reply carries no item ids: nothing that says which items a user touched
+            assert not any(isinstance(v, np.ndarray) and v.dtype.kind in "iu" and v is not reply.users
+                           and v is not reply.n_samples for v in vars(reply).values())
+        elif isinstance(reply, EvalReply):
+            for sums in reply.sums.values():
+                assert all(isinstance(v, int) for v in sums.values())   # sums only
+        elif isinstance(reply, HelloReply):
+            assert set(vars(reply)) == {"rank", "users", "item_ids", "id_base", "id_space"}
+        else:
+            assert reply is None
+
+
+def test_a_failing_worker_is_named(tmp_path, monkeypatch):
+    def boom(self, req):
+        if self.rank == 2:
+            raise RuntimeError("disk on fire")
+        return orig(self, req)
+
+    orig = Worker.train
+    monkeypatch.setattr(Worker, "train", boom)
+    with pytest.raises(WorkerError, match="worker rank 2: RuntimeError: disk on fire"):
+        run(tmp_path, "fed.workers=2")
