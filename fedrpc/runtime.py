@@ -1,23 +1,193 @@
-"""Starting a federation: building the server's features, the workers and a transport.
+"""Starting a federation: ranks, roles, the server's features, the workers, a transport.
 
 `run(cfg)` runs the whole federation. With `fed.transport: local` the server and its
-workers live in this process; the RPC runtime starts one process per rank instead.
+workers live in this process. With `fed.transport: rpc` a launcher (torchrun, srun,
+mpiexec) starts one process per rank; `RankInfo.from_env()` reads which one this is:
+rank 0 is the server, ranks 1..W-1 are workers. Each process calls `run_rpc(cfg)`:
+
+    init RPC (bounded by runtime.startup_timeout_s)
+    server: Server over RpcTransport -> features (rank 0 only) -> rounds -> Shutdown -> exit
+    worker: Worker(shard of users) -> answer requests until Shutdown -> exit
+
+Failures: a worker that raises, dies or does not answer within runtime.round_timeout_s
+stops the run; the server tells the other workers to stop (Abort), every rank shuts RPC
+down non-gracefully with a bounded wait and exits non-zero, and the message names the
+rank that failed. A worker whose server disappears notices it by its heartbeat.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+import re
+import sys
+import threading
+import time
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping, NoReturn, Optional
 
 import numpy as np
 import torch
 
-from .config import Config
+from .config import Config, ConfigError
 from .data import Catalogue, load_item_content
+from .data.types import DataError
+from .reporting import write_json
 from .server import ContentFeatures, Server, run_rounds
-from .transport import LocalTransport
+from .transport import LocalTransport, WorkerError
 from .worker import Worker
 
 log = logging.getLogger(__name__)
+SHUTDOWN_WAIT_S = 5.0        # bound on a non-graceful RPC shutdown before a hard exit
+
+
+class RunError(RuntimeError):
+    """A rank of the federation failed; the message names it. (Exit code 1.)"""
+
+
+# ---------------------------------------------------------------------- ranks
+@dataclass(frozen=True)
+class RankInfo:
+    """Where this process sits in the federation, as its launcher described it."""
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    launcher: str            # torchrun | env | slurm | mpi
+
+    @property
+    def role(self) -> str:
+        return "server" if self.rank == 0 else "worker"
+
+    @property
+    def name(self) -> str:
+        """The RPC name of this rank: "server" or "worker<rank>"."""
+        return "server" if self.rank == 0 else f"worker{self.rank}"
+
+    @property
+    def init_method(self) -> str:
+        host = f"[{self.master_addr}]" if ":" in self.master_addr else self.master_addr
+        return f"tcp://{host}:{self.master_port}"
+
+    @classmethod
+    def from_env(cls, env: Optional[Mapping[str, str]] = None) -> Optional["RankInfo"]:
+        """Rank and world from torchrun (RANK, WORLD_SIZE, LOCAL_RANK), SLURM (SLURM_PROCID,
+        SLURM_STEP_NUM_TASKS or SLURM_NTASKS, SLURM_LOCALID) or MPI (OMPI_COMM_WORLD_*,
+        PMI_RANK/PMI_SIZE); None when no launcher set them. The master address and port
+        come from MASTER_ADDR/MASTER_PORT, else (SLURM) the first host of the step and a
+        port derived from the job id, else (MPI on one node) 127.0.0.1."""
+        env = os.environ if env is None else env
+        found = _launcher_ranks(env)
+        if found is None:
+            return None
+        launcher, rank, world, local, all_local = found
+        addr = env.get("MASTER_ADDR") or _default_master_addr(env, launcher, all_local, world)
+        port = _int_env(env, "MASTER_PORT") if env.get("MASTER_PORT") else \
+            _default_master_port(env, launcher)
+        if not 0 < port < 65536:
+            raise ConfigError(f"MASTER_PORT={port}: must be a TCP port in 1..65535")
+        if not 0 <= rank < world:
+            raise ConfigError(f"{launcher}: rank {rank} is outside world size {world}")
+        return cls(rank, world, local, addr, port, launcher)
+
+
+def _int_env(env: Mapping[str, str], key: str) -> int:
+    try:
+        return int(env[key])
+    except ValueError:
+        raise ConfigError(f"environment variable {key}={env[key]!r}: not an integer") from None
+
+
+def _launcher_ranks(env: Mapping[str, str]):
+    """(launcher, rank, world, local rank, all ranks on this node?) or None."""
+    if "RANK" in env and "WORLD_SIZE" in env:
+        launcher = "torchrun" if "TORCHELASTIC_RUN_ID" in env else "env"
+        rank = _int_env(env, "RANK")
+        local = _int_env(env, "LOCAL_RANK") if "LOCAL_RANK" in env else rank
+        world = _int_env(env, "WORLD_SIZE")
+        lw = _int_env(env, "LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in env else None
+        return launcher, rank, world, local, lw == world
+    if "SLURM_PROCID" in env and ("SLURM_STEP_NUM_TASKS" in env or "SLURM_NTASKS" in env):
+        world = _int_env(env, "SLURM_STEP_NUM_TASKS" if "SLURM_STEP_NUM_TASKS" in env
+                         else "SLURM_NTASKS")
+        local = _int_env(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0
+        nodes = env.get("SLURM_STEP_NUM_NODES") or env.get("SLURM_NNODES")
+        return "slurm", _int_env(env, "SLURM_PROCID"), world, local, nodes == "1"
+    if "OMPI_COMM_WORLD_RANK" in env and "OMPI_COMM_WORLD_SIZE" in env:
+        world = _int_env(env, "OMPI_COMM_WORLD_SIZE")
+        local = _int_env(env, "OMPI_COMM_WORLD_LOCAL_RANK") \
+            if "OMPI_COMM_WORLD_LOCAL_RANK" in env else 0
+        lw = env.get("OMPI_COMM_WORLD_LOCAL_SIZE")
+        return "mpi", _int_env(env, "OMPI_COMM_WORLD_RANK"), world, local, lw == str(world)
+    if "PMI_RANK" in env and "PMI_SIZE" in env:
+        world = _int_env(env, "PMI_SIZE")
+        local = _int_env(env, "MPI_LOCALRANKID") if "MPI_LOCALRANKID" in env else 0
+        lw = env.get("MPI_LOCALNRANKS")
+        return "mpi", _int_env(env, "PMI_RANK"), world, local, lw == str(world)
+    return None
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: "gpu[03-05,9],cpu1" -> "gpu03"."""
+    m = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if not m:
+        raise ConfigError(f"SLURM node list {nodelist!r}: cannot read its first host")
+    prefix, ranges = m.group(1), m.group(2)
+    return prefix + ranges.split(",")[0].split("-")[0] if ranges else prefix
+
+
+def _default_master_addr(env, launcher: str, all_local: bool, world: int) -> str:
+    if launcher == "slurm":
+        nodes = (env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
+                 or env.get("SLURM_NODELIST"))
+        if nodes:
+            return first_slurm_host(nodes)
+    if all_local or world == 1:
+        return "127.0.0.1"
+    raise ConfigError(f"{launcher}: ranks on several hosts and MASTER_ADDR is not set: "
+                      f"export MASTER_ADDR=<host of rank 0> (and MASTER_PORT) for every rank")
+
+
+def _default_master_port(env, launcher: str) -> int:
+    """A port every rank of the job derives alike (no fixed default port)."""
+    for key in ("SLURM_JOB_ID", "PMIX_NAMESPACE", "OMPI_MCA_ess_base_jobid", "PMI_KVSNAME"):
+        if env.get(key):
+            h = int(hashlib.sha1(f"{key}={env[key]}".encode()).hexdigest(), 16)
+            return 20000 + h % 30000
+    raise ConfigError(f"{launcher}: MASTER_PORT is not set: export MASTER_PORT=<free port> "
+                      f"for every rank")
+
+
+def rank_info_for_rpc(env: Optional[Mapping[str, str]] = None) -> RankInfo:
+    """This process's RankInfo for fed.transport=rpc, or a ConfigError that says how to launch."""
+    info = RankInfo.from_env(env)
+    how = ("start one process per rank, e.g. launchers/local.sh <config> or "
+           "torchrun --standalone --nproc_per_node=3 -m fedrpc run <config> fed.transport=rpc")
+    if info is None:
+        raise ConfigError("fed.transport: rpc needs a launcher (no RANK/WORLD_SIZE, "
+                          "SLURM_PROCID/SLURM_NTASKS, OMPI_COMM_WORLD_RANK/SIZE or "
+                          f"PMI_RANK/PMI_SIZE in the environment): {how}")
+    if info.world_size < 2:
+        raise ConfigError(f"fed.transport: rpc needs at least 2 ranks (rank 0 = server, "
+                          f"ranks 1.. = workers) but {info.launcher} started "
+                          f"{info.world_size}: {how}")
+    return info
+
+
+def rank_device(device: str, info: RankInfo) -> torch.device:
+    """run.device for this rank: auto = cuda:LOCAL_RANK when GPUs exist, else cpu."""
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device == "cpu" or (device == "auto" and n == 0):
+        return torch.device("cpu")
+    if n == 0:
+        raise ConfigError(f"run.device: {device} but rank {info.rank} sees no GPU; "
+                          f"use run.device=cpu or auto")
+    if device in ("auto", "cuda"):
+        return torch.device("cuda", info.local_rank % n)
+    return torch.device(device)
 
 
 def server_features(cfg: Config, catalogue: Catalogue) -> ContentFeatures:
@@ -50,7 +220,206 @@ def run_local(cfg: Config) -> dict:
         transport.close()
 
 
-def run(cfg: Config) -> dict:
+
+# ---------------------------------------------------------------------- rpc run
+def run_rpc(cfg: Config, info: Optional[RankInfo] = None) -> Optional[dict]:
+    """This process's part of an RPC federation: the summary on the server, None on workers."""
+    info = info or rank_info_for_rpc()
+    _tag_logs(info)
+    device = rank_device(cfg.run.device, info)
+    log.debug("%s: rank %d of %d (%s), local rank %d, master %s, device %s (models run on "
+              "cpu: Worker and Server place no tensors on a device yet)", info.name, info.rank,
+              info.world_size, info.launcher, info.local_rank, info.init_method, device)
+    startup_s = _init_rpc(info, cfg)
+    if info.rank == 0:
+        return _run_server(cfg, info, startup_s)
+    _run_worker(cfg, info)
+    return None
+
+
+def tensorpipe_transports(env: Optional[Mapping[str, str]] = None) -> list[str]:
+    """TensorPipe transports, in order of preference: "uv" (TCP) by default.
+
+    TensorPipe's default prefers "shm" between ranks on one host, whose reactor thread
+    busy-polls: measured here, every idle rank then burns CPU and ~270k context switches
+    per second, stealing cores from training. Over "uv" an idle rank uses no CPU; tensor
+    data between ranks on one host still goes through the "cma" channel (a direct copy
+    between the processes), so bulk transfers keep their speed. FEDRPC_TP_TRANSPORTS
+    (e.g. "shm,uv") overrides the choice."""
+    env = os.environ if env is None else env
+    names = [t.strip() for t in env.get("FEDRPC_TP_TRANSPORTS", "uv").split(",") if t.strip()]
+    bad = sorted(set(names) - {"uv", "shm", "ibv"})
+    if not names or bad:
+        raise ConfigError(f"FEDRPC_TP_TRANSPORTS={env.get('FEDRPC_TP_TRANSPORTS')!r}: "
+                          f"expected a comma list of uv, shm, ibv")
+    return names
+
+
+def _tag_logs(info: RankInfo) -> None:
+    """Prefix log lines with the rank's name; workers log warnings only unless -v."""
+    root = logging.getLogger()
+    for h in root.handlers:
+        fmt = getattr(h.formatter, "_fmt", None) or "%(levelname)s %(name)s: %(message)s"
+        if "[%s]" % info.name not in fmt:
+            h.setFormatter(logging.Formatter(fmt.replace("%(levelname)s",
+                                                         f"[{info.name}] %(levelname)s", 1)))
+    if info.rank != 0 and root.getEffectiveLevel() > logging.DEBUG:
+        logging.getLogger("fedrpc").setLevel(logging.WARNING)
+
+
+def _init_rpc(info: RankInfo, cfg: Config) -> float:
+    """init_rpc bounded by runtime.startup_timeout_s; afterwards RPCs default to the round
+    timeout (every call of the transport also passes its own)."""
+    from torch.distributed import rpc
+
+    rt = cfg.runtime
+    opts = rpc.TensorPipeRpcBackendOptions(init_method=info.init_method, num_worker_threads=8,
+                                           rpc_timeout=rt.startup_timeout_s,
+                                           _transports=tensorpipe_transports())
+    # torch's rendezvous waits up to 30 min for missing ranks: bound it ourselves
+    watchdog = threading.Timer(rt.startup_timeout_s, _hard_exit, args=(
+        1, f"{info.name} (rank {info.rank}): RPC start-up did not complete within "
+           f"runtime.startup_timeout_s={rt.startup_timeout_s:g} s: not all {info.world_size} "
+           f"ranks joined at {info.init_method}"))
+    watchdog.daemon = True
+    watchdog.start()
+    t0 = time.perf_counter()
+    try:
+        with warnings.catch_warnings():   # torch's own use of a deprecated gloo API
+            warnings.filterwarnings("ignore", message="You are using a Backend")
+            rpc.init_rpc(info.name, rank=info.rank, world_size=info.world_size,
+                         rpc_backend_options=opts)
+    except Exception as e:
+        raise RunError(f"{info.name} (rank {info.rank}): RPC start-up at {info.init_method} "
+                       f"failed: {type(e).__name__}: {e}") from e
+    finally:
+        watchdog.cancel()
+    rpc._set_rpc_timeout(rt.round_timeout_s)
+    return time.perf_counter() - t0
+
+
+def _run_server(cfg: Config, info: RankInfo, startup_s: float) -> dict:
+    from .transport.rpc import RpcTransport
+
+    transport = RpcTransport(info.world_size, control_timeout_s=cfg.runtime.startup_timeout_s)
+    if cfg.fed.workers != 1:
+        log.info("fed.workers=%d applies to the local transport; over rpc the %d worker "
+                 "ranks host the clients", cfg.fed.workers, info.world_size - 1)
+    try:
+        server = Server(cfg, transport, None)          # Hello: which users live where
+        if cfg.gfmfr.enabled:                          # content is read and encoded on rank 0
+            server.features = server_features(cfg, server.catalogue)
+        summary = run_rounds(server, Path(cfg.run.out_dir), cfg.run.progress)
+        transport.close(graceful=True)                 # Shutdown to every worker
+    except BaseException as e:
+        _fail_server(transport, e)
+    summary["runtime"] = _runtime_record(info, startup_s, transport)
+    write_json(Path(cfg.run.out_dir) / "summary.json", summary)
+    if not _shutdown_rpc(graceful=True, timeout=cfg.runtime.startup_timeout_s):
+        log.warning("RPC shutdown was not clean; the run itself completed")
+    return summary
+
+
+def _fail_server(transport, e: BaseException) -> NoReturn:
+    """Abort the workers, shut RPC down without waiting for peers, raise the named error."""
+    if isinstance(e, WorkerError):
+        msg = str(e)
+    else:
+        msg = f"server (rank 0): {type(e).__name__}: {e}"
+        if not isinstance(e, (ConfigError, DataError, KeyboardInterrupt)):
+            log.error("the server failed", exc_info=e)
+    transport.close(graceful=False, reason=msg)
+    if not _shutdown_rpc(graceful=False, timeout=SHUTDOWN_WAIT_S):
+        _hard_exit(1, msg)
+    if isinstance(e, (ConfigError, DataError, KeyboardInterrupt)):
+        raise e
+    raise RunError(msg) from e
+
+
+def _run_worker(cfg: Config, info: RankInfo) -> None:
+    from .transport import rpc as endpoint
+
+    try:
+        worker = Worker(cfg, info.rank, info.world_size - 1)   # interactions only, its shard
+    except Exception as e:                                     # the server's Hello reports it
+        log.error("worker rank %d could not start: %s: %s", info.rank, type(e).__name__, e)
+        endpoint.serve_error(e)
+    else:
+        endpoint.serve(worker, cfg.runtime.startup_timeout_s)
+    try:
+        ok, reason = endpoint.wait_until_stopped(
+            ping_timeout_s=min(60.0, cfg.runtime.round_timeout_s))
+    except KeyboardInterrupt:
+        ok, reason = False, "interrupted"
+    if ok:
+        if not _shutdown_rpc(graceful=True, timeout=cfg.runtime.startup_timeout_s):
+            log.warning("worker rank %d: RPC shutdown was not clean", info.rank)
+        return
+    msg = f"worker rank {info.rank}: {reason}"
+    if not _shutdown_rpc(graceful=False, timeout=SHUTDOWN_WAIT_S):
+        _hard_exit(1, msg)
+    raise RunError(msg)
+
+
+def _runtime_record(info: RankInfo, startup_s: float, transport) -> dict:
+    control = [r for r in transport.ledger.records if r.round < 0]
+    return {"transport": "rpc", "launcher": info.launcher, "world_size": info.world_size,
+            "workers": info.world_size - 1, "tensorpipe_transports": tensorpipe_transports(),
+            "startup_seconds": round(startup_s, 3),
+            "control_messages": {"count": len(control),
+                                 "payload": sum(r.payload for r in control),
+                                 "wire": sum(r.wire or 0 for r in control)}}
+
+
+def _shutdown_rpc(graceful: bool, timeout: float) -> bool:
+    """rpc.shutdown with a bound: True when it finished cleanly within timeout (+5 s)."""
+    from torch.distributed import rpc
+
+    box: dict = {}
+
+    def target():
+        try:
+            if graceful:
+                rpc.shutdown(graceful=True, timeout=timeout)
+            else:
+                rpc.shutdown(graceful=False)
+        except Exception as e:  # e.g. a peer that died after the last round
+            box["error"] = e
+
+    th = threading.Thread(target=target, name="rpc-shutdown", daemon=True)
+    th.start()
+    th.join(timeout + 5.0)
+    if th.is_alive():
+        log.warning("RPC shutdown (graceful=%s) did not finish within %.0f s", graceful,
+                    timeout + 5.0)
+        return False
+    if "error" in box:
+        log.warning("RPC shutdown (graceful=%s): %s", graceful, box["error"])
+        return False
+    return True
+
+
+def _hard_exit(code: int, message: str) -> NoReturn:
+    """Last resort when RPC cannot be shut down in bounded time: say why, then exit."""
+    print(f"fedrpc: error: {message}", file=sys.stderr, flush=True)
+    for h in logging.getLogger().handlers:
+        try:
+            h.flush()
+        except Exception:
+            pass
+    sys.stdout.flush()
+    os._exit(code)
+
+
+# ---------------------------------------------------------------------- dispatch
+def run(cfg: Config) -> Optional[dict]:
+    """Run the federation (`fed.transport`): the summary, or None on an RPC worker rank."""
     if cfg.fed.transport == "local":
+        found = _launcher_ranks(os.environ) if "RANK" in os.environ else None
+        if found is not None and found[2] > 1:
+            raise ConfigError(f"fed.transport: local, but {found[0]} started {found[2]} ranks "
+                              f"(each would run the whole federation): add fed.transport=rpc")
         return run_local(cfg)
-    raise NotImplementedError("fed.transport=rpc: start the ranks with torchrun")
+    if cfg.fed.transport == "rpc":
+        return run_rpc(cfg)
+    raise ConfigError(f"fed.transport: {cfg.fed.transport!r} is not supported by this runtime")

@@ -1,0 +1,36 @@
+"""`fedrpc` with a worker that fails, for tests/test_rpc.py.
+
+    FEDRPC_FAIL_RANK=2 FEDRPC_FAIL_MODE=raise|exit|hang FEDRPC_FAIL_ROUND=0 \
+        python tests/rpc_failing_worker.py run <config> <overrides>
+
+On rank FEDRPC_FAIL_RANK, from round FEDRPC_FAIL_ROUND on, Worker.train raises
+RuntimeError (raise), kills the process with os._exit(3) (exit) or never returns (hang);
+every other rank is unchanged.
+"""
+import os
+import sys
+import time
+
+from fedrpc.cli import main
+from fedrpc.worker import Worker
+
+FAIL_RANK = int(os.environ.get("FEDRPC_FAIL_RANK", "-1"))
+FAIL_MODE = os.environ.get("FEDRPC_FAIL_MODE", "raise")
+FAIL_ROUND = int(os.environ.get("FEDRPC_FAIL_ROUND", "0"))
+_train = Worker.train
+
+
+def failing_train(self, req):
+    if self.rank == FAIL_RANK and req.round >= FAIL_ROUND:
+        if FAIL_MODE == "exit":
+            os._exit(3)
+        if FAIL_MODE == "hang":
+            time.sleep(3600)
+        raise RuntimeError(f"injected failure in round {req.round}")
+    return _train(self, req)
+
+
+Worker.train = failing_train
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
