@@ -85,6 +85,18 @@ def _cmd_encode(args) -> int:
     return 0
 
 
+def _cmd_bench(args) -> int:
+    from .bench import bench_train
+    cfg = load_config(args.config, args.overrides)
+    r = bench_train(cfg, args.clients, args.repeats)
+    print(f"local training, one round, {r['clients']} clients, {r['local_epochs']} local "
+          f"epochs, {r['threads']} threads:")
+    print(f"  batched across clients   {r['batched_s']:8.2f} s")
+    print(f"  one client at a time     {r['one_by_one_s']:8.2f} s")
+    print(f"  speed-up                 {r['speedup']:8.1f}x")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="fedrpc", description=__doc__)
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -113,11 +125,25 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("--epochs", type=int, default=30, help="mf: training epochs")
     bl.add_argument("--lr", type=float, default=0.005, help="mf: Adam learning rate")
     bl.set_defaults(func=_cmd_baseline)
+    bn = sub.add_parser("bench", help="benchmarks that print their figures").add_subparsers(
+        dest="bench_command", required=True)
+    bt = bn.add_parser("train", help="one round of local training: batched vs one at a time")
+    _add_config_args(bt)
+    bt.add_argument("--clients", type=int, default=0, help="first N clients (0 = all)")
+    bt.add_argument("--repeats", type=int, default=1, help="best of this many runs")
+    bt.set_defaults(func=_cmd_bench)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # overrides may also follow the options: `baseline CFG --model mf fed.latent_dim=32`
+    bad = [a for a in extra if "=" not in a or a.startswith("-")]
+    if bad or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(bad or extra)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -46,10 +46,13 @@ class RunConfig:
 @dataclass
 class SyntheticConfig:
     users: int = 300
+    """Number of users (clients)."""
     items: int = 400
+    """Number of items."""
     mean_interactions: int = 30
     """Mean interactions per user (each user gets at least min_interactions)."""
     min_interactions: int = 8
+    """Fewest interactions a user gets (>= 3 so that leave-one-out has a test item)."""
     latent_dim: int = 8
     """Dimension of the planted user tastes / item attributes."""
     signal: float = 1.0
@@ -57,6 +60,7 @@ class SyntheticConfig:
     image_size: int = 16
     """Side of the generated square RGB item images, in pixels."""
     words_per_text: int = 12
+    """Attribute words in each generated item text."""
 
     def validate(self, key: str) -> None:
         check(self.users >= 2, f"{key}.users", "must be >= 2")
@@ -116,6 +120,7 @@ class EvalConfig:
     mode: Literal["full", "sampled"] = "full"
     """full: rank against all items (the default); sampled: against sampled negatives."""
     sampled_negatives: int = 99
+    """mode=sampled: negatives per user, drawn once per seed from items it never rated."""
     interval: int = 1
     """Evaluate every this many rounds (and always at the last round)."""
     patience: int = 0
@@ -136,23 +141,36 @@ class EvalConfig:
 @dataclass
 class FedConfig:
     backbone: Literal["fedrap", "fedncf", "fedavgmf", "pfedrec"] = "fedrap"
+    """The federated recommender the clients train (fedavgmf is also known as FCF)."""
     latent_dim: int = 64
+    """Size d of user and item embeddings."""
     rounds: int = 20
+    """Federated rounds."""
     clients_per_round: int = 0
     """Participants per round; 0 = use client_fraction."""
     client_fraction: float = 1.0
+    """Share of the clients sampled each round (seeded by run.seed and the round)."""
     local_epochs: int = 5
+    """Passes over its own data a client makes each round."""
     batch_size: int = 256
+    """Samples in a client's minibatch."""
     num_negatives: int = 4
+    """Negatives per positive, drawn fresh each round from the items outside the
+    client's training positives."""
     lr: float = 0.01
     """SGD learning rate of dense parameters (network, user vectors, heads)."""
     lr_item: float = 1.0
-    """SGD learning rate of item-table rows."""
+    """SGD learning rate of shared item-table rows (C, Q). Averaging over clients dilutes
+    an item row's update by the share of clients that touched it, hence a large rate."""
+    lr_private_item: float = 1.0
+    """SGD learning rate of private item-table rows (FedRAP's P_u); decays with
+    lr_item_decay."""
     lr_decay: float = 1.0
     """Per-round multiplicative decay of lr."""
     lr_item_decay: float = 1.0
     """Per-round multiplicative decay of lr_item."""
     weight_decay: float = 1e-4
+    """L2 decay of the parameters that take part in a step (SGD)."""
     alpha: float = 0.1
     """FedRAP: weight of -MSE(P, C), annealed tanh(round/10) * alpha."""
     beta: float = 0.1
@@ -172,7 +190,7 @@ class FedConfig:
             check(getattr(self, name) >= 1, f"{key}.{name}", "must be >= 1")
         check(self.clients_per_round >= 0, f"{key}.clients_per_round", "must be >= 0")
         check(0.0 < self.client_fraction <= 1.0, f"{key}.client_fraction", "must be in (0, 1]")
-        for name in ("lr", "lr_item", "lr_decay", "lr_item_decay"):
+        for name in ("lr", "lr_item", "lr_private_item", "lr_decay", "lr_item_decay"):
             check(getattr(self, name) > 0, f"{key}.{name}", "must be > 0")
         for name in ("weight_decay", "alpha", "beta"):
             check(getattr(self, name) >= 0, f"{key}.{name}", "must be >= 0")
@@ -183,7 +201,9 @@ class GFMFRConfig:
     enabled: bool = True
     """false = the ID-only federated backbone."""
     groups: int = 5
+    """Number of client groups G."""
     clustering: Literal["spectral", "kmeans"] = "spectral"
+    """How clients are grouped by their uploaded head parameters (seeded)."""
     pca: float = 0.95
     """Share of variance PCA keeps before clustering; 0 = no PCA."""
     min_group_size: int = 2
@@ -191,11 +211,15 @@ class GFMFRConfig:
     outlier_factor: float = 5.0
     """Uploads whose item-table norm exceeds this x the median are left out of targets."""
     fusion: Literal["sum", "mlp", "gate", "attention", "moe"] = "mlp"
+    """Fusion module over the (group, text, image) tokens of one item."""
     fusion_epochs: int = 50
+    """Epochs of fusion-model training per round over all (group, item) pairs."""
     fusion_time_budget_s: float = 0.0
     """Stop fusion training after this many seconds per round (0 = no limit)."""
     fusion_lr: float = 1e-3
+    """Adam learning rate of the fusion model (its optimiser persists across rounds)."""
     fusion_batch_size: int = 4096
+    """(group, item) pairs per fusion minibatch."""
     ema_decay: float = 0.9
     """Decay of the per-client EMA of L_base / KL that scales the distillation term."""
     teacher: Literal["output", "head"] = "output"

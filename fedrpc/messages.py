@@ -66,6 +66,7 @@ class TrainRequest:
     shared: dict[str, Tensor]            # global shared parameters
     lr: float
     lr_item: float
+    lr_private_item: float
     teacher: Optional[Tensor] = None     # [G', I] preference vectors of the groups here
     teacher_row: Optional[np.ndarray] = None  # [N] row of `teacher` per client, -1 = none
 

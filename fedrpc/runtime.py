@@ -190,6 +190,15 @@ def rank_device(device: str, info: RankInfo) -> torch.device:
     return torch.device(device)
 
 
+def local_device(device: str) -> torch.device:
+    """run.device for a one-process run: auto = cuda:0 when a GPU exists, else cpu."""
+    if device == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"run.device: {device} but no GPU is visible; use cpu or auto")
+    return torch.device(device)
+
+
 def server_features(cfg: Config, catalogue: Catalogue) -> ContentFeatures:
     """Item content -> feature tensors on the server (the encoder runs here, and only here)."""
     from .encoders import encode_content
@@ -208,11 +217,12 @@ def run_local(cfg: Config) -> dict:
     from .data import load_interactions
 
     inter = load_interactions(cfg)  # read once; each worker keeps only its shard's use
-    workers = {rank: Worker(cfg, rank, cfg.fed.workers, inter)
+    device = local_device(cfg.run.device)
+    workers = {rank: Worker(cfg, rank, cfg.fed.workers, inter, device)
                for rank in range(1, cfg.fed.workers + 1)}
     transport = LocalTransport(workers)
     try:
-        server = Server(cfg, transport, None)
+        server = Server(cfg, transport, None, device)
         if cfg.gfmfr.enabled:
             server.features = server_features(cfg, server.catalogue)
         return run_rounds(server, Path(cfg.run.out_dir), cfg.run.progress)
@@ -227,9 +237,9 @@ def run_rpc(cfg: Config, info: Optional[RankInfo] = None) -> Optional[dict]:
     info = info or rank_info_for_rpc()
     _tag_logs(info)
     device = rank_device(cfg.run.device, info)
-    log.debug("%s: rank %d of %d (%s), local rank %d, master %s, device %s (models run on "
-              "cpu: Worker and Server place no tensors on a device yet)", info.name, info.rank,
-              info.world_size, info.launcher, info.local_rank, info.init_method, device)
+    log.debug("%s: rank %d of %d (%s), local rank %d, master %s, device %s (tensors cross "
+              "between ranks on the CPU)", info.name, info.rank, info.world_size,
+              info.launcher, info.local_rank, info.init_method, device)
     startup_s = _init_rpc(info, cfg)
     if info.rank == 0:
         return _run_server(cfg, info, startup_s)
@@ -306,7 +316,8 @@ def _run_server(cfg: Config, info: RankInfo, startup_s: float) -> dict:
         log.info("fed.workers=%d applies to the local transport; over rpc the %d worker "
                  "ranks host the clients", cfg.fed.workers, info.world_size - 1)
     try:
-        server = Server(cfg, transport, None)          # Hello: which users live where
+        server = Server(cfg, transport, None,           # Hello: which users live where
+                        rank_device(cfg.run.device, info))
         if cfg.gfmfr.enabled:                          # content is read and encoded on rank 0
             server.features = server_features(cfg, server.catalogue)
         summary = run_rounds(server, Path(cfg.run.out_dir), cfg.run.progress)
@@ -340,7 +351,8 @@ def _run_worker(cfg: Config, info: RankInfo) -> None:
     from .transport import rpc as endpoint
 
     try:
-        worker = Worker(cfg, info.rank, info.world_size - 1)   # interactions only, its shard
+        worker = Worker(cfg, info.rank, info.world_size - 1,   # interactions only, its shard
+                        device=rank_device(cfg.run.device, info))
     except Exception as e:                                     # the server's Hello reports it
         log.error("worker rank %d could not start: %s: %s", info.rank, type(e).__name__, e)
         endpoint.serve_error(e)

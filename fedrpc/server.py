@@ -61,8 +61,11 @@ def sample_participants(users: np.ndarray, cfg: Config, round_: int) -> np.ndarr
 
 
 class Server:
-    def __init__(self, cfg: Config, transport: Transport, features: Optional[ContentFeatures]):
+    def __init__(self, cfg: Config, transport: Transport, features: Optional[ContentFeatures],
+                 device: torch.device | str = "cpu"):
+        """`device`: where the group fusion model trains (features are moved there)."""
         self.cfg, self.transport, self.features = cfg, transport, features
+        self.device = torch.device(device)
         self.backbone = make_backbone_from(cfg)
         hello = transport.exchange(-1, "hello", {r: Hello() for r in transport.worker_ranks},
                                    cfg.runtime.startup_timeout_s)
@@ -114,6 +117,7 @@ class Server:
         f, gs = self.cfg.fed, self.groups
         lr = f.lr * f.lr_decay ** r
         lr_item = f.lr_item * f.lr_item_decay ** r
+        lr_private_item = f.lr_private_item * f.lr_item_decay ** r
         out = {}
         for rank, hosted in self.hosts.items():
             users = participants[np.isin(participants, hosted)]
@@ -125,7 +129,8 @@ class Server:
                 present = np.unique(g[g >= 0])
                 rows = np.where(g >= 0, np.searchsorted(present, g), -1).astype(np.int64)
                 teacher = gs.teacher[torch.from_numpy(present)]
-            out[rank] = TrainRequest(r, users, self.shared, lr, lr_item, teacher, rows)
+            out[rank] = TrainRequest(r, users, self.shared, lr, lr_item, lr_private_item,
+                                     teacher, rows)
         return out
 
     def _group_fuse_teach(self, r: int, up: TrainReply, t: dict) -> dict:
@@ -143,13 +148,16 @@ class Server:
 
         tic = time.perf_counter()
         fz = self._fusion_model()
-        fx = self.features
-        res = alg.train_fusion(fz, self.fusion_opt, fx.text, fx.image, targets, info["group_ok"],
-                               g.fusion_epochs, g.fusion_time_budget_s or None,
-                               g.fusion_batch_size, seed=self.cfg.run.seed * 1000 + r,
-                               text_mask=fx.text_mask, image_mask=fx.image_mask)
-        fused = alg.fused_items(fz, fx.text, fx.image, (fx.text_mask, fx.image_mask),
-                                torch.arange(g.groups))
+        fx, dev = self.features, self.device
+        text, image = fx.text.to(dev), fx.image.to(dev)
+        masks = (fx.text_mask.to(dev), fx.image_mask.to(dev))
+        res = alg.train_fusion(fz, self.fusion_opt, text, image, targets.to(dev),
+                               info["group_ok"].to(dev), g.fusion_epochs,
+                               g.fusion_time_budget_s or None, g.fusion_batch_size,
+                               seed=self.cfg.run.seed * 1000 + r,
+                               text_mask=masks[0], image_mask=masks[1])
+        fused = alg.fused_items(fz, text, image, masks,
+                                torch.arange(g.groups, device=dev)).to("cpu")
         gs.teacher = self._teacher(fused, up, labels)
         t["fusion"] = time.perf_counter() - tic
         return {"group_sizes": np.bincount(labels, minlength=g.groups).tolist(),
@@ -174,7 +182,7 @@ class Server:
             g, fx = self.cfg.gfmfr, self.features
             torch.manual_seed(self.cfg.run.seed)
             self.fusion = alg.GroupFusion(g.groups, fx.text.shape[1], fx.image.shape[1],
-                                          self.cfg.fed.latent_dim, fusion=g.fusion)
+                                          self.cfg.fed.latent_dim, fusion=g.fusion).to(self.device)
             self.fusion_opt = alg.make_fusion_optimizer(self.fusion, g.fusion_lr)
         return self.fusion
 
@@ -248,7 +256,8 @@ def run_rounds(server: Server, out_dir: Path, progress: bool = True) -> dict:
         server.history.append(rec)
         append_jsonl(out_dir / "rounds.jsonl", rec)
         bar.set_postfix_str(_progress_line(rec, k))
-        log.info("round %d %s", r, _progress_line(rec, k))
+        # with a progress bar the line is already on screen
+        log.log(logging.DEBUG if progress else logging.INFO, "round %d %s", r, _progress_line(rec, k))
         if "metrics" in rec and cfg.eval.patience:
             score = rec["metrics"]["valid"][f"NDCG@{k}"]
             best, since_best = (score, 0) if score > best else (best, since_best + 1)

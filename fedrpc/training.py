@@ -41,7 +41,9 @@ class LocalSettings:
     lr: float = 0.01
     """Learning rate of dense parameters (network, user vectors, heads)."""
     lr_item: float = 1.0
-    """Learning rate of item-table rows."""
+    """Learning rate of shared item-table rows."""
+    lr_private_item: float = 1.0
+    """Learning rate of private item-table rows (FedRAP's P_u)."""
     weight_decay: float = 1e-4
     seed: int = 0
     round: int = 0
@@ -106,16 +108,18 @@ class ClientState:
     users: np.ndarray
     private: dict[str, Tensor]          # [M, ...] per parameter
     ratio: Tensor                       # [M] EMA of L_base / KL; NaN = not yet set
-    group: Tensor                       # [M] last group id, -1 = never grouped
+    device: torch.device = torch.device("cpu")
 
     @classmethod
-    def create(cls, backbone: Backbone, users: np.ndarray, n_items: int, seed: int):
+    def create(cls, backbone: Backbone, users: np.ndarray, n_items: int, seed: int,
+               device: torch.device | str = "cpu"):
+        """Private parameters drawn on the CPU from each user's own stream (so they do not
+        depend on the device or the packing), then kept on `device`."""
         per_user = [backbone.init_private(n_items, seed, int(u)) for u in users]
-        private = {p.name: torch.stack([pu[p.name] for pu in per_user])
+        private = {p.name: torch.stack([pu[p.name] for pu in per_user]).to(device)
                    for p in backbone.private()}
-        m = len(users)
-        return cls(users, private, torch.full((m,), float("nan")),
-                   torch.full((m,), -1, dtype=torch.long))
+        return cls(users, private, torch.full((len(users),), float("nan"), device=device),
+                   torch.device(device))
 
     def slots(self, users: np.ndarray) -> Tensor:
         idx = np.searchsorted(self.users, users)
@@ -143,8 +147,9 @@ def _sgd_rows(table: Tensor, flat: Tensor, grad: Tensor, valid: Tensor, lr: floa
     d = table.shape[-1]
     view = table.view(-1, d)
     uniq, inv = torch.unique(flat, return_inverse=True)
-    g = torch.zeros(len(uniq), d, dtype=grad.dtype).index_add_(0, inv, grad)
-    touched = torch.zeros(len(uniq), dtype=grad.dtype).index_add_(0, inv, valid.to(grad.dtype)) > 0
+    g = torch.zeros(len(uniq), d, dtype=grad.dtype, device=grad.device).index_add_(0, inv, grad)
+    touched = torch.zeros(len(uniq), dtype=grad.dtype, device=grad.device).index_add_(
+        0, inv, valid.to(grad.dtype)) > 0
     old = view.index_select(0, uniq)
     decay = torch.where(touched, wd, 0.0).to(grad.dtype).unsqueeze(1)
     view.index_copy_(0, uniq, old - lr * (g + decay * old))
@@ -163,26 +168,29 @@ def train_clients(backbone: Backbone, global_shared: dict[str, Tensor], state: C
     groups [N]: each client's group id (-1 = none: no distillation for that client).
     """
     N = len(batch.users)
+    dev = state.device
     order = np.argsort(-batch.steps, kind="stable")          # most steps first
     steps_sorted = batch.steps[order]
     ord_t = torch.from_numpy(order)
-    slots = state.slots(batch.users)[ord_t]                  # private-storage rows
-    items = torch.from_numpy(batch.items[order])
-    labels = torch.from_numpy(batch.labels[order])
-    valid = torch.from_numpy(batch.valid[order])
-    grp = (groups[ord_t] if groups is not None else torch.full((N,), -1, dtype=torch.long))
+    slots = state.slots(batch.users)[ord_t].to(dev)          # private-storage rows
+    items = torch.from_numpy(batch.items[order]).to(dev)
+    labels = torch.from_numpy(batch.labels[order]).to(dev)
+    valid = torch.from_numpy(batch.valid[order]).to(dev)
+    grp = (groups[ord_t] if groups is not None else torch.full((N,), -1, dtype=torch.long)).to(dev)
+    teacher = teacher.to(dev) if teacher is not None else None
 
     # every client starts from the global shared parameters
-    shared = {p.name: global_shared[p.name].unsqueeze(0).repeat(N, *([1] * global_shared[p.name].dim()))
-              for p in backbone.shared()}
-    tables = {p.name: (shared[p.name], torch.arange(N)) if p.shared else
+    shared = {p.name: global_shared[p.name].to(dev).unsqueeze(0).repeat(
+        N, *([1] * global_shared[p.name].dim())) for p in backbone.shared()}
+    own = torch.arange(N, device=dev)
+    tables = {p.name: (shared[p.name], own) if p.shared else
               (state.private[p.name], slots) for p in backbone.params() if p.table}
-    dense_store = {p.name: (shared[p.name], torch.arange(N)) if p.shared else
+    dense_store = {p.name: (shared[p.name], own) if p.shared else
                    (state.private[p.name], slots) for p in backbone.params() if not p.table}
     ratio = state.ratio[slots].clone()
     distill_w = math.cos(math.pi * s.round / (2 * max(s.total_rounds, 1)))
-    sum_base = torch.zeros(N, dtype=torch.float64)
-    sum_kl = torch.zeros(N, dtype=torch.float64)
+    sum_base = torch.zeros(N, dtype=torch.float64, device=dev)
+    sum_kl = torch.zeros(N, dtype=torch.float64, device=dev)
     n_items, d = batch_n_items(tables), backbone.d
 
     for step in range(int(steps_sorted[0]) if N else 0):
@@ -221,14 +229,16 @@ def train_clients(backbone: Backbone, global_shared: dict[str, Tensor], state: C
         with torch.no_grad():
             vflat = v.reshape(-1)
             for (name, (store, _)), g in zip(tables.items(), grads[:len(rows)]):
-                _sgd_rows(store, flat[name], g.reshape(-1, d), vflat, s.lr_item, s.weight_decay)
+                lr = s.lr_item if name in shared else s.lr_private_item
+                _sgd_rows(store, flat[name], g.reshape(-1, d), vflat, lr, s.weight_decay)
             for (name, p), g in zip(dense.items(), grads[len(rows):]):
                 store, owner = dense_store[name]
                 store.index_copy_(0, owner[:n], p.detach() - s.lr * (g + s.weight_decay * p.detach()))
 
     state.ratio[slots] = ratio
-    inv = torch.from_numpy(np.argsort(order, kind="stable"))
-    steps_t = torch.from_numpy(np.maximum(steps_sorted, 1)).double()
-    return TrainOutput(shared={k: v[inv] for k, v in shared.items()},
-                       loss=(sum_base / steps_t)[inv].float(), kl=(sum_kl / steps_t)[inv].float(),
-                       n_samples=batch.n_samples)
+    inv = torch.from_numpy(np.argsort(order, kind="stable")).to(dev)
+    steps_t = torch.from_numpy(np.maximum(steps_sorted, 1)).double().to(dev)
+    cpu = lambda t: t.to("cpu")        # uploads cross between ranks on the CPU
+    return TrainOutput(shared={k: cpu(v[inv]) for k, v in shared.items()},
+                       loss=cpu((sum_base / steps_t)[inv].float()),
+                       kl=cpu((sum_kl / steps_t)[inv].float()), n_samples=batch.n_samples)

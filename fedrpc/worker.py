@@ -37,15 +37,16 @@ def make_backbone_from(cfg: Config):
 
 class Worker:
     def __init__(self, cfg: Config, rank: int, n_workers: int,
-                 inter: Optional[Interactions] = None):
-        self.cfg, self.rank = cfg, rank
+                 inter: Optional[Interactions] = None, device: torch.device | str = "cpu"):
+        self.cfg, self.rank, self.device = cfg, rank, torch.device(device)
         inter = inter if inter is not None else load_interactions(cfg)
         self.split = split_of(cfg, inter)
         self.n_items = inter.n_items
         self.catalogue = catalogue_of(cfg, inter)
         self.users = shard_users(inter.n_users, n_workers, rank - 1)
         self.backbone = make_backbone_from(cfg)
-        self.state = ClientState.create(self.backbone, self.users, self.n_items, cfg.run.seed)
+        self.state = ClientState.create(self.backbone, self.users, self.n_items, cfg.run.seed,
+                                        self.device)
 
     # ------------------------------------------------------------------ dispatch
     def handle(self, msg):
@@ -65,6 +66,7 @@ class Worker:
         f = self.cfg.fed
         return LocalSettings(epochs=f.local_epochs, batch_size=f.batch_size,
                              num_negatives=f.num_negatives, lr=req.lr, lr_item=req.lr_item,
+                             lr_private_item=req.lr_private_item,
                              weight_decay=f.weight_decay, seed=self.cfg.run.seed,
                              round=req.round, total_rounds=f.rounds,
                              ema_decay=self.cfg.gfmfr.ema_decay,
@@ -98,10 +100,11 @@ class Worker:
         e = self.cfg.eval
 
         def score(users: np.ndarray) -> torch.Tensor:
-            slots = self.state.slots(users)
+            slots = self.state.slots(users).to(self.device)
             private = {k: v[slots] for k, v in self.state.private.items()}
+            shared = {k: v.to(self.device) for k, v in req.shared.items()}
             with torch.no_grad():
-                return self.backbone.score_all(req.shared, private)
+                return self.backbone.score_all(shared, private)
 
         sums = evaluate_users(score, self.split, self.users, list(req.splits), e.ks, e.mode,
                               e.sampled_negatives, self.cfg.run.seed, e.batch_users)

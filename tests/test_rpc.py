@@ -289,7 +289,7 @@ def test_views_send_their_storage_unless_torch_clones_them():
 def test_wire_bytes_of_messages_cover_their_tensors():
     users = np.arange(5)
     shared = {"C": torch.randn(50, 8), "w": torch.randn(8)}
-    req = TrainRequest(0, users, shared, 0.1, 1.0)
+    req = TrainRequest(0, users, shared, 0.1, 1.0, 1.0)
     rep = TrainReply(0, users, {k: v.expand(5, *v.shape).clone() for k, v in shared.items()},
                      np.ones(5, dtype=np.int64), torch.zeros(5), torch.zeros(5))
     for msg, call in ((req, True), (rep, False)):

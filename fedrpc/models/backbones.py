@@ -144,7 +144,7 @@ class FedRAP(Backbone):
         return _mlp_logits(dense["e"], rows["P"] + rows["C"], dense)
 
     def group_logits(self, F, head):
-        return _mlp_logits(torch.zeros(F.shape[0], self.d), F, head)
+        return _mlp_logits(torch.zeros(F.shape[0], self.d, device=F.device), F, head)
 
     def regulariser(self, rows, dense, valid, round_):
         # FedRAP anneals both weights from their initial values: tanh(round/10) * w0.
@@ -173,7 +173,7 @@ class FedNCF(Backbone):
         return _mlp_logits(dense["e"], rows["Q"], dense)
 
     def group_logits(self, F, head):
-        return _mlp_logits(torch.zeros(F.shape[0], self.d), F, head)
+        return _mlp_logits(torch.zeros(F.shape[0], self.d, device=F.device), F, head)
 
 
 class FedAvgMF(Backbone):
