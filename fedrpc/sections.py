@@ -1,1 +1,2 @@
 """Imports every subsystem that registers a configuration section."""
+import fedrpc.encoders.config  # noqa: F401
