@@ -157,12 +157,12 @@ class FedConfig:
     num_negatives: int = 4
     """Negatives per positive, drawn fresh each round from the items outside the
     client's training positives."""
-    lr: float = 0.01
+    lr: float = 0.05
     """SGD learning rate of dense parameters (network, user vectors, heads)."""
-    lr_item: float = 1.0
+    lr_item: float = 16.0
     """SGD learning rate of shared item-table rows (C, Q). Averaging over clients dilutes
     an item row's update by the share of clients that touched it, hence a large rate."""
-    lr_private_item: float = 1.0
+    lr_private_item: float = 0.5
     """SGD learning rate of private item-table rows (FedRAP's P_u); decays with
     lr_item_decay."""
     lr_decay: float = 1.0
@@ -226,7 +226,7 @@ class GFMFRConfig:
     """How a group's fused item embeddings F_k become its preference g_k: output =
     sigmoid(F_k w_out + b_out) with the group's averaged output layer (the paper);
     head = the group's averaged shared scoring network applied to F_k with no user part."""
-    max_ratio: float = 1000.0
+    max_ratio: float = 1.0
     """Cap of the ratio L_base / KL (the distillation weight before the cosine schedule)."""
 
     def validate(self, key: str) -> None:

@@ -123,10 +123,27 @@ def _mlp_logits(e: Tensor, item_vec: Tensor, dense: dict[str, Tensor]) -> Tensor
     return torch.bmm(h, dense["w2"].unsqueeze(-1)).squeeze(-1) + dense["b2"]  # [N, B]
 
 
-class FedRAP(Backbone):
-    name = "fedrap"
+class _MLPScorer(Backbone):
+    """Backbones scoring with a shared MLP over [user vector ; item vector]."""
     head = ("W1", "b1", "w2", "b2")
     output = ("w2", "b2")
+
+    def group_logits(self, F, head):
+        return _mlp_logits(torch.zeros(F.shape[0], self.d, device=F.device), F, head)
+
+
+class _DotScorer(Backbone):
+    """Backbones scoring (private user part + shared w) . Q[i] + b."""
+    head = ("w", "b")
+    output = ("w", "b")
+    item_table = "Q"
+
+    def group_logits(self, F, head):
+        return torch.bmm(F, head["w"].unsqueeze(-1)).squeeze(-1) + head["b"]
+
+
+class FedRAP(_MLPScorer):
+    name = "fedrap"
     item_table = "C"
 
     def __init__(self, d: int, alpha: float = 0.1, beta: float = 0.1):
@@ -143,9 +160,6 @@ class FedRAP(Backbone):
     def logits(self, rows, dense):
         return _mlp_logits(dense["e"], rows["P"] + rows["C"], dense)
 
-    def group_logits(self, F, head):
-        return _mlp_logits(torch.zeros(F.shape[0], self.d, device=F.device), F, head)
-
     def regulariser(self, rows, dense, valid, round_):
         # FedRAP anneals both weights from their initial values: tanh(round/10) * w0.
         ramp = math.tanh(round_ / 10.0)
@@ -157,10 +171,8 @@ class FedRAP(Backbone):
         return ramp * (self.beta * l1 - self.alpha * mse)
 
 
-class FedNCF(Backbone):
+class FedNCF(_MLPScorer):
     name = "fedncf"
-    head = ("W1", "b1", "w2", "b2")
-    output = ("w2", "b2")
     item_table = "Q"
 
     def params(self):
@@ -172,15 +184,9 @@ class FedNCF(Backbone):
     def logits(self, rows, dense):
         return _mlp_logits(dense["e"], rows["Q"], dense)
 
-    def group_logits(self, F, head):
-        return _mlp_logits(torch.zeros(F.shape[0], self.d, device=F.device), F, head)
 
-
-class FedAvgMF(Backbone):
+class FedAvgMF(_DotScorer):
     name = "fedavgmf"
-    head = ("w", "b")
-    output = ("w", "b")
-    item_table = "Q"
 
     def params(self):
         d = self.d
@@ -191,15 +197,9 @@ class FedAvgMF(Backbone):
         u = dense["e"] + dense["w"]
         return torch.bmm(rows["Q"], u.unsqueeze(-1)).squeeze(-1) + dense["b"]
 
-    def group_logits(self, F, head):
-        return torch.bmm(F, head["w"].unsqueeze(-1)).squeeze(-1) + head["b"]
 
-
-class PFedRec(Backbone):
+class PFedRec(_DotScorer):
     name = "pfedrec"
-    head = ("w", "b")
-    output = ("w", "b")
-    item_table = "Q"
 
     def params(self):
         d = self.d
@@ -210,9 +210,6 @@ class PFedRec(Backbone):
     def logits(self, rows, dense):
         u = dense["h"] + dense["w"]
         return torch.bmm(rows["Q"], u.unsqueeze(-1)).squeeze(-1) + dense["b"] + dense["c"]
-
-    def group_logits(self, F, head):
-        return torch.bmm(F, head["w"].unsqueeze(-1)).squeeze(-1) + head["b"]
 
 
 BACKBONES: dict[str, Callable[..., Backbone]] = {
