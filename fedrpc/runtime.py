@@ -177,25 +177,17 @@ def rank_info_for_rpc(env: Optional[Mapping[str, str]] = None) -> RankInfo:
     return info
 
 
-def rank_device(device: str, info: RankInfo) -> torch.device:
-    """run.device for this rank: auto = cuda:LOCAL_RANK when GPUs exist, else cpu."""
+def rank_device(device: str, local_rank: int = 0, rank: int = 0) -> torch.device:
+    """run.device for a rank: auto = cuda:LOCAL_RANK when GPUs exist, else cpu (a
+    one-process run is rank 0, local rank 0)."""
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if device == "cpu" or (device == "auto" and n == 0):
         return torch.device("cpu")
     if n == 0:
-        raise ConfigError(f"run.device: {device} but rank {info.rank} sees no GPU; "
+        raise ConfigError(f"run.device: {device} but rank {rank} sees no GPU; "
                           f"use run.device=cpu or auto")
     if device in ("auto", "cuda"):
-        return torch.device("cuda", info.local_rank % n)
-    return torch.device(device)
-
-
-def local_device(device: str) -> torch.device:
-    """run.device for a one-process run: auto = cuda:0 when a GPU exists, else cpu."""
-    if device == "auto":
-        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"run.device: {device} but no GPU is visible; use cpu or auto")
+        return torch.device("cuda", local_rank % n)
     return torch.device(device)
 
 
@@ -217,7 +209,7 @@ def run_local(cfg: Config) -> dict:
     from .data import load_interactions
 
     inter = load_interactions(cfg)  # read once; each worker keeps only its shard's use
-    device = local_device(cfg.run.device)
+    device = rank_device(cfg.run.device)
     workers = {rank: Worker(cfg, rank, cfg.fed.workers, inter, device)
                for rank in range(1, cfg.fed.workers + 1)}
     transport = LocalTransport(workers)
@@ -236,7 +228,7 @@ def run_rpc(cfg: Config, info: Optional[RankInfo] = None) -> Optional[dict]:
     """This process's part of an RPC federation: the summary on the server, None on workers."""
     info = info or rank_info_for_rpc()
     _tag_logs(info)
-    device = rank_device(cfg.run.device, info)
+    device = rank_device(cfg.run.device, info.local_rank, info.rank)
     log.debug("%s: rank %d of %d (%s), local rank %d, master %s, device %s (tensors cross "
               "between ranks on the CPU)", info.name, info.rank, info.world_size,
               info.launcher, info.local_rank, info.init_method, device)
@@ -317,7 +309,7 @@ def _run_server(cfg: Config, info: RankInfo, startup_s: float) -> dict:
                  "ranks host the clients", cfg.fed.workers, info.world_size - 1)
     try:
         server = Server(cfg, transport, None,           # Hello: which users live where
-                        rank_device(cfg.run.device, info))
+                        rank_device(cfg.run.device, info.local_rank, info.rank))
         if cfg.gfmfr.enabled:                          # content is read and encoded on rank 0
             server.features = server_features(cfg, server.catalogue)
         summary = run_rounds(server, Path(cfg.run.out_dir), cfg.run.progress)
@@ -352,7 +344,7 @@ def _run_worker(cfg: Config, info: RankInfo) -> None:
 
     try:
         worker = Worker(cfg, info.rank, info.world_size - 1,   # interactions only, its shard
-                        device=rank_device(cfg.run.device, info))
+                        device=rank_device(cfg.run.device, info.local_rank, info.rank))
     except Exception as e:                                     # the server's Hello reports it
         log.error("worker rank %d could not start: %s: %s", info.rank, type(e).__name__, e)
         endpoint.serve_error(e)

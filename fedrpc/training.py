@@ -19,7 +19,7 @@ s are always a prefix: a step slices, it never gathers clients.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -27,30 +27,31 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .config import FedConfig, GFMFRConfig
 from .data.sampling import TRAIN_NEGATIVES, negatives_for_users, user_rng
 from .models.backbones import Backbone
+
+_FED, _GFMFR = FedConfig(), GFMFRConfig()  # defaults come from the config, in one place
 
 SHUFFLE = 3  # purpose id of the per-client shuffling stream
 
 
 @dataclass
 class LocalSettings:
-    epochs: int = 5
-    batch_size: int = 256
-    num_negatives: int = 4
-    lr: float = 0.01
-    """Learning rate of dense parameters (network, user vectors, heads)."""
-    lr_item: float = 1.0
-    """Learning rate of shared item-table rows."""
-    lr_private_item: float = 1.0
-    """Learning rate of private item-table rows (FedRAP's P_u)."""
-    weight_decay: float = 1e-4
+    """What one round of local training needs (the worker fills it from the config and
+    the server's request; see fed.* and gfmfr.* for the meaning of each field)."""
+    epochs: int = _FED.local_epochs
+    batch_size: int = _FED.batch_size
+    num_negatives: int = _FED.num_negatives
+    lr: float = _FED.lr
+    lr_item: float = _FED.lr_item
+    lr_private_item: float = _FED.lr_private_item
+    weight_decay: float = _FED.weight_decay
     seed: int = 0
     round: int = 0
     total_rounds: int = 1
-    ema_decay: float = 0.9
-    max_ratio: float = 1e3
-    """Upper bound of the loss-balancing ratio L_base / KL."""
+    ema_decay: float = _GFMFR.ema_decay
+    max_ratio: float = _GFMFR.max_ratio
 
 
 @dataclass
@@ -62,6 +63,7 @@ class ClientBatch:
     valid: np.ndarray                       # [N, S_max, B] bool
     steps: np.ndarray                       # [N] steps of each client
     n_samples: np.ndarray                   # [N] samples per epoch
+    n_items: int
 
 
 def build_client_batches(users: np.ndarray, train_indptr: np.ndarray, train_items: np.ndarray,
@@ -88,18 +90,14 @@ def build_client_batches(users: np.ndarray, train_indptr: np.ndarray, train_item
         it = np.concatenate([pos[c], negs[c]])
         y = np.concatenate([np.ones(len(pos[c]), np.float32), np.zeros(len(negs[c]), np.float32)])
         rng = user_rng(s.seed, s.round, u, SHUFFLE)
-        slots = per_epoch[c] * B
         for e in range(s.epochs):
             order = rng.permutation(len(it))
             rows = slice(e * per_epoch[c], (e + 1) * per_epoch[c])
-            buf_i = np.zeros(slots, np.int64)
-            buf_y = np.zeros(slots, np.float32)
-            buf_v = np.zeros(slots, bool)
-            buf_i[:len(it)], buf_y[:len(it)], buf_v[:len(it)] = it[order], y[order], True
-            items[c, rows] = buf_i.reshape(-1, B)
-            labels[c, rows] = buf_y.reshape(-1, B)
-            valid[c, rows] = buf_v.reshape(-1, B)
-    return ClientBatch(users, items, labels, valid, steps, n_samples)
+            # an epoch's minibatches are contiguous: fill them flat, padding stays zero
+            items[c, rows].reshape(-1)[:len(it)] = it[order]
+            labels[c, rows].reshape(-1)[:len(it)] = y[order]
+            valid[c, rows].reshape(-1)[:len(it)] = True
+    return ClientBatch(users, items, labels, valid, steps, n_samples, n_items)
 
 
 @dataclass
@@ -134,7 +132,6 @@ class TrainOutput:
     loss: Tensor                        # [N] mean base loss over the client's steps
     kl: Tensor                          # [N] mean KL over the client's steps (0 if none)
     n_samples: np.ndarray
-    stats: dict = field(default_factory=dict)
 
 
 def _sgd_rows(table: Tensor, flat: Tensor, grad: Tensor, valid: Tensor, lr: float,
@@ -153,10 +150,6 @@ def _sgd_rows(table: Tensor, flat: Tensor, grad: Tensor, valid: Tensor, lr: floa
     old = view.index_select(0, uniq)
     decay = torch.where(touched, wd, 0.0).to(grad.dtype).unsqueeze(1)
     view.index_copy_(0, uniq, old - lr * (g + decay * old))
-
-
-def batch_n_items(tables: dict) -> int:
-    return next(iter(tables.values()))[0].shape[1]
 
 
 def train_clients(backbone: Backbone, global_shared: dict[str, Tensor], state: ClientState,
@@ -182,16 +175,17 @@ def train_clients(backbone: Backbone, global_shared: dict[str, Tensor], state: C
     # every client starts from the global shared parameters
     shared = {p.name: global_shared[p.name].to(dev).unsqueeze(0).repeat(
         N, *([1] * global_shared[p.name].dim())) for p in backbone.shared()}
+    # each parameter's storage and the storage row of each (sorted) client
     own = torch.arange(N, device=dev)
-    tables = {p.name: (shared[p.name], own) if p.shared else
-              (state.private[p.name], slots) for p in backbone.params() if p.table}
-    dense_store = {p.name: (shared[p.name], own) if p.shared else
-                   (state.private[p.name], slots) for p in backbone.params() if not p.table}
+    stores = {p.name: (shared[p.name], own) if p.shared else (state.private[p.name], slots)
+              for p in backbone.params()}
+    tables = {p.name: stores[p.name] for p in backbone.params() if p.table}
+    dense_store = {p.name: stores[p.name] for p in backbone.params() if not p.table}
     ratio = state.ratio[slots].clone()
     distill_w = math.cos(math.pi * s.round / (2 * max(s.total_rounds, 1)))
     sum_base = torch.zeros(N, dtype=torch.float64, device=dev)
     sum_kl = torch.zeros(N, dtype=torch.float64, device=dev)
-    n_items, d = batch_n_items(tables), backbone.d
+    n_items, d = batch.n_items, backbone.d
 
     for step in range(int(steps_sorted[0]) if N else 0):
         n = int(np.searchsorted(-steps_sorted, -step, side="left"))  # clients with steps > step

@@ -99,10 +99,11 @@ class Worker:
         t0 = time.perf_counter()
         e = self.cfg.eval
 
+        shared = {k: v.to(self.device) for k, v in req.shared.items()}
+
         def score(users: np.ndarray) -> torch.Tensor:
             slots = self.state.slots(users).to(self.device)
             private = {k: v[slots] for k, v in self.state.private.items()}
-            shared = {k: v.to(self.device) for k, v in req.shared.items()}
             with torch.no_grad():
                 return self.backbone.score_all(shared, private)
 
