@@ -19,7 +19,7 @@ from .config import Config
 from .data import load_interactions
 from .messages import TrainRequest
 from .training import build_client_batches
-from .worker import Worker
+from .worker import Worker, learning_rates
 
 
 def _straightforward(worker: Worker, req: TrainRequest) -> None:
@@ -64,8 +64,7 @@ def bench_train(cfg: Config, n_clients: int = 0, repeats: int = 1) -> dict:
         for _ in range(repeats):
             worker = Worker(cfg, 1, 1, inter)
             shared = worker.backbone.init_shared(inter.n_items, cfg.run.seed)
-            req = TrainRequest(0, users, shared, cfg.fed.lr, cfg.fed.lr_item,
-                               cfg.fed.lr_private_item)
+            req = TrainRequest(0, users, shared, **learning_rates(cfg))
             t0 = time.perf_counter()
             if mode == "straightforward":
                 _straightforward(worker, req)

@@ -1,4 +1,5 @@
-"""Command line: `fedrpc run | encode | data stats | baseline` (also `python -m fedrpc`)."""
+"""Command line: `fedrpc run | encode | data stats | baseline | bench train | config reference`
+(also `python -m fedrpc`)."""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .config import ConfigError, load_config
+from .config import ConfigError, config_reference, load_config
 from .data.types import DataError
 
 log = logging.getLogger("fedrpc")
@@ -127,6 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("--epochs", type=int, default=30, help="mf: training epochs")
     bl.add_argument("--lr", type=float, default=0.005, help="mf: Adam learning rate")
     bl.set_defaults(func=_cmd_baseline)
+    cf = sub.add_parser("config", help="the configuration keys").add_subparsers(
+        dest="config_command", required=True)
+    cr = cf.add_parser("reference", help="every key, its default and meaning (Markdown)")
+    cr.set_defaults(func=lambda args: print(config_reference(), end="") or 0)
+
     bn = sub.add_parser("bench", help="benchmarks that print their figures").add_subparsers(
         dest="bench_command", required=True)
     bt = bn.add_parser("train", help="one round of local training: batched vs one client "

@@ -157,14 +157,16 @@ class FedConfig:
     num_negatives: int = 4
     """Negatives per positive, drawn fresh each round from the items outside the
     client's training positives."""
-    lr: float = 0.05
-    """SGD learning rate of dense parameters (network, user vectors, heads)."""
-    lr_item: float = 16.0
-    """SGD learning rate of shared item-table rows (C, Q). Averaging over clients dilutes
-    an item row's update by the share of clients that touched it, hence a large rate."""
-    lr_private_item: float = 0.5
+    lr: Optional[float] = None
+    """SGD learning rate of dense parameters (network, user vectors, heads); empty = the
+    backbone's rate (README, "Learning rates")."""
+    lr_item: Optional[float] = None
+    """SGD learning rate of shared item-table rows (C, Q); empty = the backbone's rate.
+    Averaging over clients dilutes an item row's update by the share of clients that
+    touched it, hence a large rate."""
+    lr_private_item: Optional[float] = None
     """SGD learning rate of private item-table rows (FedRAP's P_u); decays with
-    lr_item_decay."""
+    lr_item_decay; empty = the backbone's rate."""
     lr_decay: float = 1.0
     """Per-round multiplicative decay of lr."""
     lr_item_decay: float = 1.0
@@ -191,7 +193,8 @@ class FedConfig:
         check(self.clients_per_round >= 0, f"{key}.clients_per_round", "must be >= 0")
         check(0.0 < self.client_fraction <= 1.0, f"{key}.client_fraction", "must be in (0, 1]")
         for name in ("lr", "lr_item", "lr_private_item", "lr_decay", "lr_item_decay"):
-            check(getattr(self, name) > 0, f"{key}.{name}", "must be > 0")
+            value = getattr(self, name)
+            check(value is None or value > 0, f"{key}.{name}", "must be > 0")
         for name in ("weight_decay", "alpha", "beta"):
             check(getattr(self, name) >= 0, f"{key}.{name}", "must be >= 0")
 
@@ -424,3 +427,47 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
 
 def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
+
+
+# --------------------------------------------------------------------------- reference
+def _field_docs(cls: type) -> dict[str, str]:
+    """The string literal under each field of dataclass `cls` (its documentation)."""
+    import ast
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body, docs = tree.body[0].body, {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) \
+                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) \
+                and isinstance(nxt.value.value, str):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _reference_rows(cls: type, prefix: str) -> list[str]:
+    rows, docs, default = [], _field_docs(cls), cls()
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        if _is_dataclass_type(hints[f.name]):
+            rows += _reference_rows(hints[f.name], key + ".")
+            continue
+        value = getattr(default, f.name)
+        shown = "(empty)" if value is None else repr(value)
+        meaning = docs.get(f.name, "").replace("|", "\\|")
+        rows.append(f"| `{key}` | `{shown}` | {meaning} |")
+    return rows
+
+
+def config_reference() -> str:
+    """Every configuration key with its default and meaning, as a Markdown table (the
+    README's "Configuration" table is this text)."""
+    _register_defaults()
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    cls = _config_class()
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        rows += _reference_rows(hints[f.name], f.name + ".")
+    return "\n".join(rows) + "\n"

@@ -26,7 +26,7 @@ from .messages import EvalRequest, Hello, HelloReply, TrainReply, TrainRequest, 
 from .metrics import add_sums, finalize
 from .reporting import append_jsonl, write_json
 from .transport import Transport
-from .worker import make_backbone_from
+from .worker import learning_rates, make_backbone_from
 
 log = logging.getLogger(__name__)
 SAMPLING = 0x5A  # purpose id of the participant-sampling stream
@@ -114,10 +114,10 @@ class Server:
         return rec
 
     def _train_requests(self, r: int, participants: np.ndarray) -> dict[int, TrainRequest]:
-        f, gs = self.cfg.fed, self.groups
-        lr = f.lr * f.lr_decay ** r
-        lr_item = f.lr_item * f.lr_item_decay ** r
-        lr_private_item = f.lr_private_item * f.lr_item_decay ** r
+        f, gs, rates = self.cfg.fed, self.groups, learning_rates(self.cfg)
+        lr = rates["lr"] * f.lr_decay ** r
+        lr_item = rates["lr_item"] * f.lr_item_decay ** r
+        lr_private_item = rates["lr_private_item"] * f.lr_item_decay ** r
         out = {}
         for rank, hosted in self.hosts.items():
             users = participants[np.isin(participants, hosted)]

@@ -29,9 +29,10 @@ from torch import Tensor
 
 from .config import FedConfig, GFMFRConfig
 from .data.sampling import TRAIN_NEGATIVES, negatives_for_users, user_rng
-from .models.backbones import Backbone
+from .models.backbones import Backbone, FedRAP
 
 _FED, _GFMFR = FedConfig(), GFMFRConfig()  # defaults come from the config, in one place
+_RATES = FedRAP.rates                      # the default backbone's
 
 SHUFFLE = 3  # purpose id of the per-client shuffling stream
 
@@ -43,9 +44,9 @@ class LocalSettings:
     epochs: int = _FED.local_epochs
     batch_size: int = _FED.batch_size
     num_negatives: int = _FED.num_negatives
-    lr: float = _FED.lr
-    lr_item: float = _FED.lr_item
-    lr_private_item: float = _FED.lr_private_item
+    lr: float = _RATES["lr"]
+    lr_item: float = _RATES["lr_item"]
+    lr_private_item: float = _RATES["lr_private_item"]
     weight_decay: float = _FED.weight_decay
     seed: int = 0
     round: int = 0

@@ -18,7 +18,7 @@ from .data import Interactions, catalogue_of, load_interactions, split_of
 from .messages import (EvalReply, EvalRequest, Hello, HelloReply, Shutdown, TrainReply,
                        TrainRequest)
 from .metrics import evaluate_users
-from .models import make_backbone
+from .models import BACKBONES, make_backbone
 from .training import ClientState, LocalSettings, build_client_batches, train_clients
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,12 @@ def make_backbone_from(cfg: Config):
     f = cfg.fed
     kw = {"alpha": f.alpha, "beta": f.beta} if f.backbone == "fedrap" else {}
     return make_backbone(f.backbone, f.latent_dim, **kw)
+
+
+def learning_rates(cfg: Config) -> dict[str, float]:
+    """fed.lr, fed.lr_item, fed.lr_private_item, each the backbone's rate when empty."""
+    rates = BACKBONES[cfg.fed.backbone].rates
+    return {k: (rates[k] if getattr(cfg.fed, k) is None else getattr(cfg.fed, k)) for k in rates}
 
 
 class Worker:

@@ -52,3 +52,25 @@ def test_shipped_configs_load():
     from conftest import REPO
     for path in sorted((REPO / "configs").glob("*.yaml")):
         load_config(path)
+
+
+def test_readme_lists_every_key_with_its_current_default():
+    from pathlib import Path
+
+    from fedrpc.config import config_reference
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert config_reference() in readme, \
+        "README's Configuration table is stale: paste `fedrpc config reference` into it"
+
+
+@pytest.mark.parametrize("backbone, expected", [
+    ("fedrap", {"lr": 0.05, "lr_item": 16.0, "lr_private_item": 0.5}),
+    ("fedavgmf", {"lr": 5.0, "lr_item": 64.0, "lr_private_item": 0.5}),
+])
+def test_empty_learning_rates_take_the_backbones_and_set_ones_win(backbone, expected):
+    from fedrpc.worker import learning_rates
+    assert learning_rates(load_config(None, [f"fed.backbone={backbone}"])) == expected
+    set_ = load_config(None, [f"fed.backbone={backbone}", "fed.lr=0.2"])
+    assert learning_rates(set_) == {**expected, "lr": 0.2}
+    with pytest.raises(ConfigError, match="fed.lr_item: must be > 0"):
+        load_config(None, ["fed.lr_item=0"])

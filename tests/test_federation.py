@@ -1,5 +1,7 @@
 """The federation in one process: reproducibility, independence from the number of
 workers, exact byte accounting, privacy of what the server receives, failures."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -116,3 +118,18 @@ def test_a_failing_worker_is_named(tmp_path, monkeypatch):
     monkeypatch.setattr(Worker, "train", boom)
     with pytest.raises(WorkerError, match="worker rank 2: RuntimeError: disk on fire"):
         run(tmp_path, "fed.workers=2")
+
+
+def test_group_fusion_distillation_beats_its_backbone_on_the_quickstart_data(tmp_path):
+    """The plugged-in distillation improves FedAvg-MF clearly (measured: test HR@10 0.30 ->
+    0.39 at round 60). Not asserted: that the gain comes from the item content — a
+    teacher built with no content features gains as much (README, "What GFMFR's gain is
+    made of")."""
+    base = ["fed.backbone=fedavgmf", "fed.rounds=60", "eval.interval=10",
+            "gfmfr.fusion_epochs=5", "run.progress=false", "encoder.cache=false"]
+    quickstart = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+    alone = run_local(load_config(quickstart,
+                                  base + ["gfmfr.enabled=false", f"run.out_dir={tmp_path / 'a'}"]))
+    fused = run_local(load_config(quickstart, base + [f"run.out_dir={tmp_path / 'g'}"]))
+    assert fused["test"]["HR@10"] >= alone["test"]["HR@10"] + 0.05
+    assert fused["test"]["NDCG@10"] >= alone["test"]["NDCG@10"] + 0.03

@@ -62,6 +62,8 @@ class Backbone:
     head: tuple[str, ...] = ()        # shared dense params the server groups clients by
     output: tuple[str, str] = ("", "")  # (w_out [d], b_out [1]) for the teacher
     item_table = ""                   # the shared item table the fusion targets
+    # SGD rates used when fed.lr / fed.lr_item / fed.lr_private_item are left empty
+    rates = {"lr": 0.05, "lr_item": 16.0, "lr_private_item": 0.5}
 
     def __init__(self, d: int):
         self.d = d
@@ -137,6 +139,9 @@ class _DotScorer(Backbone):
     head = ("w", "b")
     output = ("w", "b")
     item_table = "Q"
+    # the user vector's gradient is a mean over its minibatch: at lr 0.05 a client's
+    # vector barely moves in a round and the model stays at popularity
+    rates = {"lr": 5.0, "lr_item": 64.0, "lr_private_item": 0.5}
 
     def group_logits(self, F, head):
         return torch.bmm(F, head["w"].unsqueeze(-1)).squeeze(-1) + head["b"]
