@@ -225,10 +225,12 @@ class GFMFRConfig:
     """(group, item) pairs per fusion minibatch."""
     ema_decay: float = 0.9
     """Decay of the per-client EMA of L_base / KL that scales the distillation term."""
-    teacher: Literal["output", "head"] = "output"
-    """How a group's fused item embeddings F_k become its preference g_k: output =
-    sigmoid(F_k w_out + b_out) with the group's averaged output layer (the paper);
-    head = the group's averaged shared scoring network applied to F_k with no user part."""
+    teacher: Literal["head", "output"] = "head"
+    """How a group's fused item embeddings F_k become its preference g_k: head = the
+    group's averaged shared scoring network applied to F_k with no user part; output =
+    sigmoid(F_k w_out + b_out) with the group's averaged output layer, the paper's
+    formula — for the MLP backbones it applies w2, which weighs hidden units, to item
+    embeddings and ranks held-out items below random. Identical for fedavgmf and pfedrec."""
     max_ratio: float = 1.0
     """Cap of the ratio L_base / KL (the distillation weight before the cosine schedule)."""
 
