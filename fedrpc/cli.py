@@ -1,4 +1,5 @@
-"""Command line: `fedrpc run | encode | data stats | baseline | bench train | config reference`
+"""Command line: `fedrpc run | encode | data stats | baseline | bench train | diagnose teacher |
+config reference`
 (also `python -m fedrpc`)."""
 from __future__ import annotations
 
@@ -100,6 +101,18 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _cmd_diagnose_teacher(args) -> int:
+    from .diagnostics import diagnose_teacher
+    from .reporting import write_json
+    cfg = load_config(args.config, args.overrides)
+    cfg.run.progress = False
+    records = diagnose_teacher(cfg, max(1, args.every))
+    out = Path(cfg.run.out_dir) / "teacher_diagnostics.json"
+    write_json(out, records)
+    print(f"written: {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="fedrpc", description=__doc__)
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -128,6 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("--epochs", type=int, default=30, help="mf: training epochs")
     bl.add_argument("--lr", type=float, default=0.005, help="mf: Adam learning rate")
     bl.set_defaults(func=_cmd_baseline)
+    dg = sub.add_parser("diagnose", help="diagnostics").add_subparsers(
+        dest="diagnose_command", required=True)
+    dt = dg.add_parser("teacher", help="evaluate the group-fusion teacher and its variants "
+                                       "as recommenders during an in-process run")
+    _add_config_args(dt)
+    dt.add_argument("--every", type=int, default=5, help="check every N rounds")
+    dt.set_defaults(func=_cmd_diagnose_teacher)
+
     cf = sub.add_parser("config", help="the configuration keys").add_subparsers(
         dest="config_command", required=True)
     cr = cf.add_parser("reference", help="every key, its default and meaning (Markdown)")
