@@ -52,6 +52,39 @@ def _straightforward(worker: Worker, req: TrainRequest) -> None:
             opt.step()
 
 
+# matrix-product FLOP per minibatch slot and round step: forward plus the two backward
+# products of the per-client layer that touches each sample's item vector
+_FLOP_PER_SLOT = {"fedrap": lambda d: 6 * d * d, "fedncf": lambda d: 6 * d * d,
+                  "fedavgmf": lambda d: 6 * d, "pfedrec": lambda d: 6 * d}
+
+
+def _bmm_gflops(n: int, b: int, d: int, k: int, seconds: float = 1.0) -> float:
+    """Throughput of torch.bmm here at the training's shapes [n, b, d] x [n, d, k]."""
+    x, w = torch.randn(n, b, d), torch.randn(n, d, k)
+    torch.bmm(x, w)
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        torch.bmm(x, w)
+        reps += 1
+    return 2 * n * b * d * k * reps / (time.perf_counter() - t0) / 1e9
+
+
+def workload(cfg: Config, worker: Worker, users: np.ndarray) -> dict:
+    """What one round of local training computes: sample-steps, padded slots, the
+    matrix-product FLOP, and the time those FLOP take at this machine's bmm throughput
+    (a lower bound for any batching of this backbone)."""
+    s, d = worker.settings(TrainRequest(0, users, {}, **learning_rates(cfg))), cfg.fed.latent_dim
+    b = build_client_batches(users, worker.split.train_indptr, worker.split.train_items,
+                             worker.n_items, s)
+    slots = int(b.steps.sum()) * s.batch_size
+    gflop = slots * _FLOP_PER_SLOT[cfg.fed.backbone](d) / 1e9
+    k = d if cfg.fed.backbone in ("fedrap", "fedncf") else 1
+    gflops = _bmm_gflops(min(len(users), 943), s.batch_size, d, k)
+    return {"sample_steps": int(b.valid.sum()), "slots": slots, "steps": int(b.steps.sum()),
+            "matmul_gflop": round(gflop, 1), "bmm_gflops": round(gflops, 1),
+            "matmul_floor_s": round(gflop / gflops, 2)}
+
+
 def bench_train(cfg: Config, n_clients: int = 0, repeats: int = 1) -> dict:
     inter = load_interactions(cfg)
     n = inter.n_users if not n_clients else min(n_clients, inter.n_users)
@@ -72,6 +105,7 @@ def bench_train(cfg: Config, n_clients: int = 0, repeats: int = 1) -> dict:
                 worker.train(req)
             times.append(time.perf_counter() - t0)
         out[f"{mode}_s"] = round(min(times), 3)
+    out["workload"] = workload(cfg, worker, users)
     out["speedup_vs_one_by_one"] = round(out["one_by_one_s"] / out["batched_s"], 1)
     out["speedup_vs_straightforward"] = round(out["straightforward_s"] / out["batched_s"], 1)
     return out

@@ -98,6 +98,11 @@ def _cmd_bench(args) -> int:
           f"{r['speedup_vs_one_by_one']:.1f}x")
     print(f"  straightforward per-user loop    {r['straightforward_s']:8.2f} s   "
           f"{r['speedup_vs_straightforward']:.1f}x")
+    w = r["workload"]
+    print(f"work: {w['sample_steps']:,} sample-steps in {w['slots']:,} minibatch slots "
+          f"({w['steps']:,} client steps); {w['matmul_gflop']} GFLOP of matrix products, "
+          f"{w['bmm_gflops']} GFLOPS measured for torch.bmm at these shapes -> "
+          f"{w['matmul_floor_s']} s for the products alone")
     return 0
 
 

@@ -110,3 +110,20 @@ def test_held_out_items_can_be_negatives(small):
             negs = set(b.items[c][(b.labels[c] == 0) & b.valid[c]].tolist())
             drawn += len(negs & held[u])
     assert drawn > 0
+
+
+def test_bench_counts_the_work_of_a_round():
+    from fedrpc.bench import bench_train
+    from fedrpc.config import load_config
+    from fedrpc.data import load_interactions, split_of
+    from test_federation import SMALL
+    cfg = load_config(None, SMALL)
+    r = bench_train(cfg)
+    split = split_of(cfg, load_interactions(cfg))
+    f = cfg.fed
+    positives = len(split.train_items)
+    w = r["workload"]
+    assert w["sample_steps"] == positives * (1 + f.num_negatives) * f.local_epochs
+    assert w["slots"] == w["steps"] * f.batch_size >= w["sample_steps"]
+    assert w["matmul_gflop"] == round(w["slots"] * 6 * f.latent_dim ** 2 / 1e9, 1)
+    assert r["batched_s"] > 0 and r["one_by_one_s"] > 0 and r["straightforward_s"] > 0
