@@ -49,6 +49,7 @@ class GroupState:
     prev_users: Optional[np.ndarray] = None
     prev_labels: Optional[np.ndarray] = None
     teacher: Optional[torch.Tensor] = None   # [G, I] g_k for the next round
+    warned_lopsided: bool = False
 
 
 def sample_participants(users: np.ndarray, cfg: Config, round_: int) -> np.ndarray:
@@ -160,7 +161,13 @@ class Server:
                                 torch.arange(g.groups, device=dev)).to("cpu")
         gs.teacher = self._teacher(fused, up, labels)
         t["fusion"] = time.perf_counter() - tic
-        return {"group_sizes": np.bincount(labels, minlength=g.groups).tolist(),
+        sizes = np.bincount(labels, minlength=g.groups)
+        warning = alg.lopsided_groups(sizes)
+        if warning and not gs.warned_lopsided:
+            gs.warned_lopsided = True       # once per run; every round's sizes are logged
+            log.warning("round %d: %s; gfmfr.clustering=%s%s", r, warning, g.clustering,
+                        " (kmeans gives balanced groups)" if g.clustering == "spectral" else "")
+        return {"group_sizes": sizes.tolist(),
                 "fallback_groups": list(map(int, info["fallback"])),
                 "excluded_uploads": int(info["n_excluded_nonfinite"] + info["n_excluded_outlier"]),
                 "fusion_loss": float(res["losses"][-1]) if res["losses"] else None,

@@ -150,3 +150,12 @@ def test_singleton_with_blown_up_table_never_nan():
     assert torch.equal(targets[1], torch.ones(3, 2))
     all_bad, info = group_targets(torch.full((2, 3, 2), float("nan")), np.array([0, 1]), 2)
     assert torch.equal(all_bad, torch.zeros(2, 3, 2)) and not info["group_ok"].any()
+
+
+def test_a_group_holding_almost_every_client_is_reported():
+    from fedrpc.algorithms import lopsided_groups
+    # ML-100K, FedRAP, spectral clustering, round 39
+    msg = lopsided_groups([933, 7, 1, 1, 1])
+    assert msg and "933 of 943 clients" in msg
+    assert lopsided_groups([73, 219, 372, 102, 177]) is None
+    assert lopsided_groups([0, 0, 0]) is None and lopsided_groups([5]) is None

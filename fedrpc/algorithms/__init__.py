@@ -9,11 +9,12 @@ from fedrpc.algorithms.fusion import (FUSIONS, AttentionFusion, GateFusion, Grou
                                       MLPFusion, MoEFusion, SumFusion, fused_items,
                                       make_fusion, make_fusion_optimizer,
                                       teacher_preferences, train_fusion)
-from fedrpc.algorithms.grouping import align_groups, group_clients, group_targets, rbf_affinity
+from fedrpc.algorithms.grouping import (align_groups, group_clients, group_targets,
+                                        lopsided_groups, rbf_affinity)
 
 __all__ = [
     "mean_aggregate",
-    "group_clients", "align_groups", "group_targets", "rbf_affinity",
+    "group_clients", "align_groups", "group_targets", "lopsided_groups", "rbf_affinity",
     "GroupFusion", "SumFusion", "MLPFusion", "GateFusion", "AttentionFusion", "MoEFusion",
     "FUSIONS", "make_fusion", "fused_items", "train_fusion", "make_fusion_optimizer",
     "teacher_preferences",

@@ -199,3 +199,14 @@ def group_targets(tables: Tensor, labels: Union[np.ndarray, Tensor], n_groups: i
         log.info("group targets: excluded %d non-finite, %d outlier uploads; fallback groups %s",
                  info["n_excluded_nonfinite"], info["n_excluded_outlier"], fallback)
     return targets, info
+
+
+def lopsided_groups(sizes, share: float = 0.9) -> str | None:
+    """A warning when one group holds more than `share` of the clients (the grouping
+    then carries next to no group structure), else None."""
+    sizes = np.asarray(sizes)
+    total = int(sizes.sum())
+    if total == 0 or len(sizes) < 2 or sizes.max() <= share * total:
+        return None
+    return (f"one group holds {int(sizes.max())} of {total} clients (group sizes "
+            f"{sizes.tolist()}): the group-wise teacher is close to one global teacher")
