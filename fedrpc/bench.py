@@ -58,6 +58,9 @@ _FLOP_PER_SLOT = {"fedrap": lambda d: 6 * d * d, "fedncf": lambda d: 6 * d * d,
                   "fedavgmf": lambda d: 6 * d, "pfedrec": lambda d: 6 * d}
 
 
+BMM_CLIENTS = 1024  # clients in the throughput probe: enough to saturate, bounded memory
+
+
 def _bmm_gflops(n: int, b: int, d: int, k: int, seconds: float = 1.0) -> float:
     """Throughput of torch.bmm here at the training's shapes [n, b, d] x [n, d, k]."""
     x, w = torch.randn(n, b, d), torch.randn(n, d, k)
@@ -79,7 +82,7 @@ def workload(cfg: Config, worker: Worker, users: np.ndarray) -> dict:
     slots = int(b.steps.sum()) * s.batch_size
     gflop = slots * _FLOP_PER_SLOT[cfg.fed.backbone](d) / 1e9
     k = d if cfg.fed.backbone in ("fedrap", "fedncf") else 1
-    gflops = _bmm_gflops(min(len(users), 943), s.batch_size, d, k)
+    gflops = _bmm_gflops(min(len(users), BMM_CLIENTS), s.batch_size, d, k)
     return {"sample_steps": int(b.valid.sum()), "slots": slots, "steps": int(b.steps.sum()),
             "matmul_gflop": round(gflop, 1), "bmm_gflops": round(gflops, 1),
             "matmul_floor_s": round(gflop / gflops, 2)}
