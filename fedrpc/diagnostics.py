@@ -17,7 +17,6 @@ what they already know.
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from . import algorithms as alg
@@ -26,39 +25,29 @@ from .config import Config
 from .data import load_interactions
 from .metrics import evaluate_users, finalize
 from .runtime import rank_device, server_features
-from .server import Server, _group_means
+from .server import Server
 from .transport.local import LocalTransport
 from .worker import Worker
 
 
 class _Recording(Server):
-    """A server that keeps the latest uploads (memory: one item table per client)."""
-    last_upload = None
+    """A server that keeps what its latest teacher was made from (memory: one item table
+    per client)."""
+    last = None
 
-    def _group_fuse_teach(self, r, up, t):
-        self.last_upload = up
-        return super()._group_fuse_teach(r, up, t)
+    def _teacher(self, fused, up, labels):
+        self.last = (fused, up, labels)
+        return super()._teacher(fused, up, labels)
 
 
 def _teachers(srv: _Recording) -> dict[str, torch.Tensor]:
-    """Candidate teachers' scores [G, I] (higher = preferred)."""
-    cfg, bb, up, gs = srv.cfg, srv.backbone, srv.last_upload, srv.groups
-    G = cfg.gfmfr.groups
-    targets, _ = alg.group_targets(up.shared[bb.item_table], gs.prev_labels, G,
+    """Candidate teachers' logits [G, I] (higher = preferred)."""
+    cfg, (fused, up, labels) = srv.cfg, srv.last
+    targets, _ = alg.group_targets(up.shared[srv.backbone.item_table], labels, cfg.gfmfr.groups,
                                    cfg.gfmfr.min_group_size, cfg.gfmfr.outlier_factor)
-    head = {n: _group_means(up.shared[n], gs.prev_labels, G, srv.shared[n])
-            for n in set(bb.head) | set(bb.output)}
-    fx = srv.features
-    fused = alg.fused_items(srv.fusion, fx.text.to(srv.device), fx.image.to(srv.device),
-                            (fx.text_mask.to(srv.device), fx.image_mask.to(srv.device)),
-                            torch.arange(G, device=srv.device)).to("cpu")
-    out = {}
     with torch.no_grad():
-        for name, E in (("F", fused), ("C_bar", targets)):
-            out[f"head({name})"] = bb.group_logits(E, head)
-            w, b = (head[n] for n in bb.output)
-            out[f"output({name})"] = torch.bmm(E, w.unsqueeze(-1)).squeeze(-1) + b.reshape(-1, 1)
-    return out
+        return {f"{kind}({name})": srv.group_logits(E, up, labels, kind)
+                for name, E in (("F", fused), ("C_bar", targets)) for kind in ("head", "output")}
 
 
 def diagnose_teacher(cfg: Config, every: int = 5, progress=print) -> list[dict]:

@@ -175,14 +175,22 @@ class Server:
 
     def _teacher(self, fused: torch.Tensor, up: TrainReply, labels: np.ndarray) -> torch.Tensor:
         """g_k over all items from the fused embeddings and the group's averaged head."""
+        logits = self.group_logits(fused, up, labels, self.cfg.gfmfr.teacher)
+        return torch.sigmoid(logits).clamp(1e-7, 1 - 1e-7)
+
+    def group_logits(self, E: torch.Tensor, up: TrainReply, labels: np.ndarray,
+                     kind: str) -> torch.Tensor:
+        """Each group's preference logits [G, I] over item embeddings E [G, I, d], scored
+        with the group's averaged uploads: kind "output" (the output layer alone, the
+        paper's formula) or "head" (the whole shared scoring head, no user part)."""
         g, bb = self.cfg.gfmfr, self.backbone
-        names = bb.output if g.teacher == "output" else bb.head
+        names = bb.output if kind == "output" else bb.head
         head = {n: _group_means(up.shared[n], labels, g.groups, self.shared[n])
                 for n in names}
-        if g.teacher == "output":
+        if kind == "output":
             w, b = (head[n] for n in bb.output)
-            return alg.teacher_preferences(fused, w, b.reshape(-1))
-        return torch.sigmoid(bb.group_logits(fused, head)).clamp(1e-7, 1 - 1e-7)
+            return alg.teacher_logits(E, w, b.reshape(-1))
+        return bb.group_logits(E, head)
 
     def _fusion_model(self):
         if self.fusion is None:

@@ -8,7 +8,7 @@ from fedrpc.algorithms.aggregation import mean_aggregate
 from fedrpc.algorithms.fusion import (FUSIONS, AttentionFusion, GateFusion, GroupFusion,
                                       MLPFusion, MoEFusion, SumFusion, fused_items,
                                       make_fusion, make_fusion_optimizer,
-                                      teacher_preferences, train_fusion)
+                                      teacher_logits, teacher_preferences, train_fusion)
 from fedrpc.algorithms.grouping import (align_groups, group_clients, group_targets,
                                         lopsided_groups, rbf_affinity)
 
@@ -17,5 +17,5 @@ __all__ = [
     "group_clients", "align_groups", "group_targets", "lopsided_groups", "rbf_affinity",
     "GroupFusion", "SumFusion", "MLPFusion", "GateFusion", "AttentionFusion", "MoEFusion",
     "FUSIONS", "make_fusion", "fused_items", "train_fusion", "make_fusion_optimizer",
-    "teacher_preferences",
+    "teacher_logits", "teacher_preferences",
 ]

@@ -257,8 +257,8 @@ def train_fusion(model: GroupFusion, optimizer: torch.optim.Optimizer, T: Tensor
 
 
 # ----------------------------------------------------------------------- teacher
-def teacher_preferences(F: Tensor, w_out: Tensor, b_out: Tensor) -> Tensor:
-    """g_k[i] = clamp(sigmoid(F_k[i] . w_out_k + b_out_k), 1e-7, 1 - 1e-7): [G, I].
+def teacher_logits(F: Tensor, w_out: Tensor, b_out: Tensor) -> Tensor:
+    """F_k[i] . w_out_k + b_out_k: [G, I], the logits of `teacher_preferences`.
 
     F [G, I, d], w_out [G, d] and b_out [G] (or [G, 1]): each group's averaged output
     layer. Raises ValueError on non-finite inputs rather than returning NaN.
@@ -270,5 +270,9 @@ def teacher_preferences(F: Tensor, w_out: Tensor, b_out: Tensor) -> Tensor:
     for name, x in (("F", F), ("w_out", w_out), ("b_out", b)):
         if not bool(torch.isfinite(x).all()):
             raise ValueError(f"teacher_preferences: {name} contains NaN/inf")
-    logits = torch.einsum("gid,gd->gi", F, w_out) + b.unsqueeze(-1)
-    return torch.sigmoid(logits).clamp(1e-7, 1.0 - 1e-7)
+    return torch.einsum("gid,gd->gi", F, w_out) + b.unsqueeze(-1)
+
+
+def teacher_preferences(F: Tensor, w_out: Tensor, b_out: Tensor) -> Tensor:
+    """g_k[i] = clamp(sigmoid(F_k[i] . w_out_k + b_out_k), 1e-7, 1 - 1e-7): [G, I]."""
+    return torch.sigmoid(teacher_logits(F, w_out, b_out)).clamp(1e-7, 1.0 - 1e-7)
