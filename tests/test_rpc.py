@@ -203,12 +203,18 @@ def test_workers_never_load_content_or_encoders(federations):
 
 
 # ---------------------------------------------------------------------- failures
+def spawn_failing(tmp_path, rank: int, mode: str, round_timeout_s: int):
+    """3 ranks where worker `rank` fails in round 1 the way `mode` says (raise | exit |
+    hang); see tests/rpc_failing_worker.py."""
+    return spawn(3, tmp_path, f"runtime.round_timeout_s={round_timeout_s}",
+                 entry=(str(REPO / "tests/rpc_failing_worker.py"),),
+                 env={"FEDRPC_FAIL_RANK": str(rank), "FEDRPC_FAIL_MODE": mode,
+                      "FEDRPC_FAIL_ROUND": "1"})
+
+
 @pytest.mark.timeout(200)
 def test_a_raising_worker_stops_the_run_and_is_named(tmp_path):
-    launch = spawn(3, tmp_path, "runtime.round_timeout_s=30",
-                   entry=(str(REPO / "tests/rpc_failing_worker.py"),),
-                   env={"FEDRPC_FAIL_RANK": "2", "FEDRPC_FAIL_MODE": "raise",
-                        "FEDRPC_FAIL_ROUND": "1"})
+    launch = spawn_failing(tmp_path, 2, "raise", round_timeout_s=30)
     assert_clean(launch)
     assert launch.returncodes[0] == 1
     assert all(rc != 0 for rc in launch.returncodes)
@@ -222,10 +228,7 @@ def test_a_raising_worker_stops_the_run_and_is_named(tmp_path):
 
 @pytest.mark.timeout(200)
 def test_a_dying_worker_stops_the_run_and_is_named(tmp_path):
-    launch = spawn(3, tmp_path, "runtime.round_timeout_s=30",
-                   entry=(str(REPO / "tests/rpc_failing_worker.py"),),
-                   env={"FEDRPC_FAIL_RANK": "1", "FEDRPC_FAIL_MODE": "exit",
-                        "FEDRPC_FAIL_ROUND": "1"})
+    launch = spawn_failing(tmp_path, 1, "exit", round_timeout_s=30)
     assert_clean(launch)
     assert launch.returncodes[1] == 3
     assert launch.returncodes[0] == 1 and launch.returncodes[2] != 0
@@ -237,10 +240,7 @@ def test_a_dying_worker_stops_the_run_and_is_named(tmp_path):
 
 @pytest.mark.timeout(200)
 def test_a_hanging_worker_times_out_and_is_named(tmp_path):
-    launch = spawn(3, tmp_path, "runtime.round_timeout_s=5",
-                   entry=(str(REPO / "tests/rpc_failing_worker.py"),),
-                   env={"FEDRPC_FAIL_RANK": "2", "FEDRPC_FAIL_MODE": "hang",
-                        "FEDRPC_FAIL_ROUND": "1"})
+    launch = spawn_failing(tmp_path, 2, "hang", round_timeout_s=5)
     assert_clean(launch)
     assert all(rc != 0 for rc in launch.returncodes)
     assert ("fedrpc: error: worker rank 2: no reply within 5 s (runtime.round_timeout_s) "
