@@ -118,6 +118,11 @@ def _cmd_diagnose_teacher(args) -> int:
     return 0
 
 
+def _command_group(sub, name: str, help: str):
+    """`fedrpc NAME SUBCOMMAND ...`: a command whose subcommands are required."""
+    return sub.add_parser(name, help=help).add_subparsers(dest=f"{name}_command", required=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="fedrpc", description=__doc__)
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -131,8 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(en)
     en.set_defaults(func=_cmd_encode)
 
-    data = sub.add_parser("data", help="inspect a dataset").add_subparsers(
-        dest="data_command", required=True)
+    data = _command_group(sub, "data", "inspect a dataset")
     st = data.add_parser("stats", help="users, items, interactions, split sizes, content")
     _add_config_args(st)
     st.add_argument("--json", action="store_true", help="print JSON")
@@ -146,21 +150,18 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("--epochs", type=int, default=30, help="mf: training epochs")
     bl.add_argument("--lr", type=float, default=0.005, help="mf: Adam learning rate")
     bl.set_defaults(func=_cmd_baseline)
-    dg = sub.add_parser("diagnose", help="diagnostics").add_subparsers(
-        dest="diagnose_command", required=True)
+    dg = _command_group(sub, "diagnose", "diagnostics")
     dt = dg.add_parser("teacher", help="evaluate the group-fusion teacher and its variants "
                                        "as recommenders during an in-process run")
     _add_config_args(dt)
     dt.add_argument("--every", type=int, default=5, help="check every N rounds")
     dt.set_defaults(func=_cmd_diagnose_teacher)
 
-    cf = sub.add_parser("config", help="the configuration keys").add_subparsers(
-        dest="config_command", required=True)
+    cf = _command_group(sub, "config", "the configuration keys")
     cr = cf.add_parser("reference", help="every key, its default and meaning (Markdown)")
     cr.set_defaults(func=lambda args: print(config_reference(), end="") or 0)
 
-    bn = sub.add_parser("bench", help="benchmarks that print their figures").add_subparsers(
-        dest="bench_command", required=True)
+    bn = _command_group(sub, "bench", "benchmarks that print their figures")
     bt = bn.add_parser("train", help="one round of local training: batched vs one client "
                                      "at a time vs a straightforward per-user loop")
     _add_config_args(bt)
