@@ -52,12 +52,6 @@ def _straightforward(worker: Worker, req: TrainRequest) -> None:
             opt.step()
 
 
-# matrix-product FLOP per minibatch slot and round step: forward plus the two backward
-# products of the per-client layer that touches each sample's item vector
-_FLOP_PER_SLOT = {"fedrap": lambda d: 6 * d * d, "fedncf": lambda d: 6 * d * d,
-                  "fedavgmf": lambda d: 6 * d, "pfedrec": lambda d: 6 * d}
-
-
 BMM_CLIENTS = 1024  # clients in the throughput probe: enough to saturate, bounded memory
 
 
@@ -80,8 +74,8 @@ def workload(cfg: Config, worker: Worker, users: np.ndarray) -> dict:
     b = build_client_batches(users, worker.split.train_indptr, worker.split.train_items,
                              worker.n_items, s)
     slots = int(b.steps.sum()) * s.batch_size
-    gflop = slots * _FLOP_PER_SLOT[cfg.fed.backbone](d) / 1e9
-    k = d if cfg.fed.backbone in ("fedrap", "fedncf") else 1
+    k = worker.backbone.item_map_width()
+    gflop = slots * 6 * d * k / 1e9   # 3 products (forward, 2 backward) x 2 FLOP per MAC
     gflops = _bmm_gflops(min(len(users), BMM_CLIENTS), s.batch_size, d, k)
     return {"sample_steps": int(b.valid.sum()), "slots": slots, "steps": int(b.steps.sum()),
             "matmul_gflop": round(gflop, 1), "bmm_gflops": round(gflops, 1),

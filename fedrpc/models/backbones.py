@@ -65,6 +65,11 @@ class Backbone:
     # SGD rates used when fed.lr / fed.lr_item / fed.lr_private_item are left empty
     rates = {"lr": 0.05, "lr_item": 16.0, "lr_private_item": 0.5}
 
+    def item_map_width(self) -> int:
+        """Outputs of the per-client linear map applied to each sample's item vector (its
+        matrix products dominate a training step): 1 for a user-vector dot product."""
+        return 1
+
     def __init__(self, d: int):
         self.d = d
 
@@ -129,6 +134,9 @@ class _MLPScorer(Backbone):
     """Backbones scoring with a shared MLP over [user vector ; item vector]."""
     head = ("W1", "b1", "w2", "b2")
     output = ("w2", "b2")
+
+    def item_map_width(self) -> int:
+        return self.d          # the item half of W1
 
     def group_logits(self, F, head):
         return _mlp_logits(torch.zeros(F.shape[0], self.d, device=F.device), F, head)
