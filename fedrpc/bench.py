@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import Config
+from .config import Config, replace_key
 from .data import load_interactions
 from .messages import TrainRequest
 from .training import build_client_batches
@@ -89,7 +89,7 @@ def bench_train(cfg: Config, n_clients: int = 0, repeats: int = 1) -> dict:
     out = {"clients": int(n), "local_epochs": cfg.fed.local_epochs,
            "threads": torch.get_num_threads()}
     for mode in ("batched", "one_by_one", "straightforward"):
-        cfg.fed.batched = mode == "batched"
+        cfg = replace_key(cfg, "fed.batched", mode == "batched")
         times = []
         for _ in range(repeats):
             worker = Worker(cfg, 1, 1, inter)

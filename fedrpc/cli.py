@@ -109,8 +109,7 @@ def _cmd_bench(args) -> int:
 def _cmd_diagnose_teacher(args) -> int:
     from .diagnostics import diagnose_teacher
     from .reporting import write_json
-    cfg = load_config(args.config, args.overrides)
-    cfg.run.progress = False
+    cfg = load_config(args.config, [*args.overrides, "run.progress=false"])
     records = diagnose_teacher(cfg, max(1, args.every))
     out = Path(cfg.run.out_dir) / "teacher_diagnostics.json"
     write_json(out, records)

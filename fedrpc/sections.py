@@ -1,2 +1,0 @@
-"""Imports every subsystem that registers a configuration section."""
-import fedrpc.encoders.config  # noqa: F401
