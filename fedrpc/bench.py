@@ -19,7 +19,8 @@ from .config import Config, replace_key
 from .data import load_interactions
 from .messages import TrainRequest
 from .training import build_client_batches
-from .worker import Worker, learning_rates
+from .strategy import learning_rates
+from .worker import Worker
 
 
 def _straightforward(worker: Worker, req: TrainRequest) -> None:

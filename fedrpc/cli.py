@@ -60,15 +60,28 @@ def _cmd_baseline(args) -> int:
     return 0
 
 
+EXIT_STOPPED = 75   # stopped by a signal after a checkpoint: run again with run.resume=auto
+
+
 def _cmd_run(args) -> int:
     from .reporting import format_metrics
     from .runtime import RunError, run
+    from .server import RoundFailed, Stopped
+    from .transport import WorkerError
     cfg = load_config(args.config, args.overrides)
     try:
         summary = run(cfg)
-    except RunError as e:       # a rank failed; the message names it
+    except (RunError, RoundFailed, WorkerError) as e:   # a rank failed; the message names it
         print(f"fedrpc: error: {e}", file=sys.stderr)
         return 1
+    except Stopped as e:
+        print(f"fedrpc: {e}; continue with: fedrpc run {args.config} "
+              f"{' '.join(args.overrides)} run.resume=auto".rstrip(), file=sys.stderr)
+        return EXIT_STOPPED
+    except KeyboardInterrupt:
+        print("fedrpc: interrupted (no checkpoint written for the current round)",
+              file=sys.stderr)
+        return 130
     if summary is None:         # an RPC worker rank: the server reports
         return 0
     k = cfg.eval.ks

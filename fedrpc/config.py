@@ -39,8 +39,22 @@ class RunConfig:
     """auto | cpu | cuda | cuda:N."""
     progress: bool = True
     """Show progress bars."""
+    checkpoint_every: int = 10
+    """Write a checkpoint every this many rounds and after the last (0 = only when the
+    run is stopped by a signal or a worker failure), under out_dir/checkpoints/."""
+    keep_checkpoints: int = 2
+    """How many of the newest checkpoints to keep (0 = all)."""
+    resume: str = ""
+    """'' = start at round 0; auto = continue from the newest complete checkpoint under
+    out_dir (round 0 when there is none); or the path of a checkpoint folder."""
+    overwrite: bool = False
+    """Replace the records of an earlier run in out_dir (otherwise that is an error)."""
 
     def validate(self, key: str) -> None:
+        check(self.checkpoint_every >= 0, f"{key}.checkpoint_every", "must be >= 0")
+        check(self.keep_checkpoints >= 0, f"{key}.keep_checkpoints", "must be >= 0")
+        check(not (self.resume and self.overwrite), f"{key}.overwrite",
+              "cannot be combined with run.resume (resuming keeps the records)")
         check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
               f"{key}.device", f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
@@ -187,6 +201,10 @@ class FedConfig:
     """local transport: number of in-process workers the clients are sharded over."""
     batched: bool = True
     """Train a worker's clients together (false: one client at a time, same result)."""
+    max_update_norm: float = 0.0
+    """Reject an upload whose distance to the round's global parameters exceeds this many
+    times the round's median (0 = no norm check; non-finite uploads and wrong shapes or
+    dtypes are always rejected)."""
 
     def validate(self, key: str) -> None:
         for name in ("latent_dim", "rounds", "local_epochs", "batch_size", "num_negatives",
@@ -197,6 +215,8 @@ class FedConfig:
         for name in ("lr", "lr_item", "lr_private_item", "lr_decay", "lr_item_decay"):
             value = getattr(self, name)
             check(value is None or value > 0, f"{key}.{name}", "must be > 0")
+        check(self.max_update_norm == 0 or self.max_update_norm > 1, f"{key}.max_update_norm",
+              "must be 0 (off) or > 1 (times the median)")
         for name in ("weight_decay", "alpha", "beta"):
             check(getattr(self, name) >= 0, f"{key}.{name}", "must be >= 0")
 
@@ -364,6 +384,11 @@ class RuntimeConfig:
     """How long ranks wait for each other at start-up (RPC init, Hello)."""
     round_timeout_s: float = 600.0
     """How long the server waits for a worker's reply within a round."""
+    on_worker_failure: Literal["abort", "skip"] = "abort"
+    """abort: checkpoint the last complete round and exit non-zero naming the rank; skip:
+    the round goes on with the replies that arrived (lost clients recorded); in process
+    the run continues, over rpc (a dead rank cannot rejoin) the round finishes, a
+    checkpoint is written and the run exits."""
 
     def validate(self, key: str) -> None:
         check(self.startup_timeout_s > 0, f"{key}.startup_timeout_s", "must be > 0")

@@ -26,27 +26,28 @@ from .data import load_interactions
 from .metrics import evaluate_users, finalize
 from .runtime import rank_device, server_features
 from .server import Server
+from .strategy import GFMFR
 from .transport.local import LocalTransport
 from .worker import Worker
 
 
-class _Recording(Server):
-    """A server that keeps what its latest teacher was made from (memory: one item table
-    per client)."""
+class _Recording(GFMFR):
+    """The strategy, keeping what its latest teacher was made from (memory: one item
+    table per client)."""
     last = None
 
-    def _teacher(self, fused, up, labels):
+    def teacher(self, state, fused, up, labels):
         self.last = (fused, up, labels)
-        return super()._teacher(fused, up, labels)
+        return super().teacher(state, fused, up, labels)
 
 
-def _teachers(srv: _Recording) -> dict[str, torch.Tensor]:
+def _teachers(srv: Server) -> dict[str, torch.Tensor]:
     """Candidate teachers' logits [G, I] (higher = preferred)."""
-    cfg, (fused, up, labels) = srv.cfg, srv.last
+    cfg, (fused, up, labels) = srv.cfg, srv.strategy.last
     targets, _ = alg.group_targets(up.shared[srv.backbone.item_table], labels, cfg.gfmfr.groups,
                                    cfg.gfmfr.min_group_size, cfg.gfmfr.outlier_factor)
     with torch.no_grad():
-        return {f"{kind}({name})": srv.group_logits(E, up, labels, kind)
+        return {f"{kind}({name})": srv.strategy.group_logits(srv.state, E, up, labels, kind)
                 for name, E in (("F", fused), ("C_bar", targets)) for kind in ("head", "output")}
 
 
@@ -61,7 +62,8 @@ def diagnose_teacher(cfg: Config, every: int = 5, progress=print) -> list[dict]:
     transport = LocalTransport(workers)
     records = []
     try:
-        srv = _Recording(cfg, transport, None, device)
+        srv = Server(cfg, transport, None, device)
+        srv.strategy = _Recording(cfg, None, device)
         srv.features = server_features(cfg, srv.catalogue)
         split, users, ks = workers[1].split, srv.users, cfg.eval.ks
 
@@ -74,7 +76,7 @@ def diagnose_teacher(cfg: Config, every: int = 5, progress=print) -> list[dict]:
             rec = srv.run_round(r)
             if (r + 1) % every and r != cfg.fed.rounds - 1:
                 continue
-            group = torch.from_numpy(srv.groups.group_of_user)
+            group = torch.from_numpy(srv.state.group_of_user)
             cands = _teachers(srv)
             counts = torch.zeros(cfg.gfmfr.groups, srv.catalogue.n_items)
             for u in users.tolist():

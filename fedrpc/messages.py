@@ -131,6 +131,47 @@ class EvalReply:
 
 
 @dataclass(frozen=True)
+class CheckpointRequest:
+    """Write the hosted clients' state after `completed` rounds to `path` (a round at or
+    after it that has not completed is rolled back first)."""
+    completed: int
+    path: str
+
+    def payload_bytes(self) -> int:
+        return len(self.path.encode()) + 8
+
+
+@dataclass(frozen=True)
+class CheckpointReply:
+    path: str
+    sha256: str
+    bytes: int
+    clients: int
+    seconds: float = 0.0
+
+    def payload_bytes(self) -> int:
+        return len(self.path.encode()) + len(self.sha256) + 24
+
+
+@dataclass(frozen=True)
+class RestoreRequest:
+    """Load the hosted clients' state from these client files (earlier files win)."""
+    paths: tuple
+
+    def payload_bytes(self) -> int:
+        return sum(len(p.encode()) for p in self.paths)
+
+
+@dataclass(frozen=True)
+class RestoreReply:
+    restored: int               # hosted clients found in the files
+    hosted: int
+
+    def payload_bytes(self) -> int:
+        return 16
+
+
+@dataclass(frozen=True)
 class Shutdown:
     """Server -> worker: the run is over."""
 

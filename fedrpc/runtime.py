@@ -20,6 +20,7 @@ import hashlib
 import logging
 import os
 import re
+import signal
 import sys
 import threading
 import time
@@ -34,8 +35,9 @@ import torch
 from .config import Config, ConfigError
 from .data import Catalogue, load_item_content
 from .data.types import DataError
-from .reporting import write_json
-from .server import ContentFeatures, Server, run_rounds
+from .reporting import RunDir
+from .server import ContentFeatures, RoundFailed, Server, StopSignals, Stopped, run_rounds
+from .state import find_checkpoint
 from .transport import LocalTransport, WorkerError
 from .worker import Worker
 
@@ -204,23 +206,59 @@ def server_features(cfg: Config, catalogue: Catalogue) -> ContentFeatures:
                            torch.from_numpy(np.asarray(f.image_mask, bool)), f.info)
 
 
+def open_run(cfg: Config) -> tuple[RunDir, Optional[dict]]:
+    """Before any data is loaded: the checkpoint to resume (if any) and the locked output
+    folder (bad paths, a busy folder, an earlier run's records: one-line errors)."""
+    manifest = find_checkpoint(cfg)
+    run_dir = RunDir(cfg.run.out_dir).open(cfg.run.overwrite, manifest is not None,
+                                           cfg.run.resume)
+    return run_dir, manifest
+
+
+def serve_rounds(cfg: Config, server: Server, run_dir: RunDir, manifest: Optional[dict]) -> dict:
+    """The server's part once the workers answered Hello: content features (rank 0 only),
+    the resumed state, then the rounds; SIGTERM/SIGUSR1/SIGINT stop after a checkpoint."""
+    check_population(cfg, server.users)
+    with StopSignals() as stop:
+        if cfg.gfmfr.enabled:                 # content is read and encoded on rank 0
+            server.features = server_features(cfg, server.catalogue)
+        if manifest is not None:
+            server.resume(manifest)
+        return run_rounds(server, run_dir, cfg.run.progress, stop)
+
+
+def check_population(cfg: Config, users: np.ndarray) -> None:
+    """Say what happens when the config asks for more than the data has."""
+    n = len(users)
+    if cfg.fed.clients_per_round > n:
+        log.warning("fed.clients_per_round=%d but the data has %d clients: all of them take "
+                    "part in every round", cfg.fed.clients_per_round, n)
+    if cfg.gfmfr.enabled and cfg.gfmfr.groups > n:
+        raise ConfigError(f"gfmfr.groups: {cfg.gfmfr.groups} groups but only {n} clients; "
+                          f"use at most {n}")
+
+
 def run_local(cfg: Config) -> dict:
     """Server and `fed.workers` workers in this process, over the in-process transport."""
     from .data import load_interactions
 
-    inter = load_interactions(cfg)  # read once; each worker keeps only its shard's use
-    device = rank_device(cfg.run.device)
-    workers = {rank: Worker(cfg, rank, cfg.fed.workers, inter, device)
-               for rank in range(1, cfg.fed.workers + 1)}
-    transport = LocalTransport(workers)
+    run_dir, manifest = open_run(cfg)
+    transport = None
     try:
+        inter = load_interactions(cfg)  # read once; each worker keeps only its shard's use
+        if cfg.fed.workers > inter.n_users:
+            raise ConfigError(f"fed.workers: {cfg.fed.workers} workers but the data has "
+                              f"{inter.n_users} users; use at most {inter.n_users}")
+        device = rank_device(cfg.run.device)
+        workers = {rank: Worker(cfg, rank, cfg.fed.workers, inter, device)
+                   for rank in range(1, cfg.fed.workers + 1)}
+        transport = LocalTransport(workers)
         server = Server(cfg, transport, None, device)
-        if cfg.gfmfr.enabled:
-            server.features = server_features(cfg, server.catalogue)
-        return run_rounds(server, Path(cfg.run.out_dir), cfg.run.progress)
+        return serve_rounds(cfg, server, run_dir, manifest)
     finally:
-        transport.close()
-
+        if transport is not None:
+            transport.close()
+        run_dir.close()
 
 
 # ---------------------------------------------------------------------- rpc run
@@ -307,17 +345,24 @@ def _run_server(cfg: Config, info: RankInfo, startup_s: float) -> dict:
     if cfg.fed.workers != 1:
         log.info("fed.workers=%d applies to the local transport; over rpc the %d worker "
                  "ranks host the clients", cfg.fed.workers, info.world_size - 1)
+    run_dir = None
     try:
+        run_dir, manifest = open_run(cfg)
         server = Server(cfg, transport, None,           # Hello: which users live where
                         rank_device(cfg.run.device, info.local_rank, info.rank))
-        if cfg.gfmfr.enabled:                          # content is read and encoded on rank 0
-            server.features = server_features(cfg, server.catalogue)
-        summary = run_rounds(server, Path(cfg.run.out_dir), cfg.run.progress)
+        summary = serve_rounds(cfg, server, run_dir, manifest)
         transport.close(graceful=True)                 # Shutdown to every worker
+        summary["runtime"] = _runtime_record(info, startup_s, transport)
+        run_dir.write_summary(summary)
+    except Stopped:                                    # checkpointed: a clean shutdown
+        transport.close(graceful=True)
+        _shutdown_rpc(graceful=True, timeout=cfg.runtime.startup_timeout_s)
+        raise
     except BaseException as e:
         _fail_server(transport, e)
-    summary["runtime"] = _runtime_record(info, startup_s, transport)
-    write_json(Path(cfg.run.out_dir) / "summary.json", summary)
+    finally:
+        if run_dir is not None:
+            run_dir.close()
     if not _shutdown_rpc(graceful=True, timeout=cfg.runtime.startup_timeout_s):
         log.warning("RPC shutdown was not clean; the run itself completed")
     return summary
@@ -325,7 +370,7 @@ def _run_server(cfg: Config, info: RankInfo, startup_s: float) -> dict:
 
 def _fail_server(transport, e: BaseException) -> NoReturn:
     """Abort the workers, shut RPC down without waiting for peers, raise the named error."""
-    if isinstance(e, WorkerError):
+    if isinstance(e, (WorkerError, RoundFailed)):
         msg = str(e)
     else:
         msg = f"server (rank 0): {type(e).__name__}: {e}"
@@ -339,8 +384,23 @@ def _fail_server(transport, e: BaseException) -> NoReturn:
     raise RunError(msg) from e
 
 
+def _ignore_stop_signals(info: RankInfo) -> None:
+    """A worker rank outlives SIGTERM/SIGUSR1/SIGINT (a launcher or SLURM sends them to
+    every rank): the server finishes the round, has every rank write its checkpoint and
+    then shuts the workers down. A worker whose server is gone stops by its heartbeat."""
+    def note(signum, frame):
+        log.info("worker rank %d: %s received; the server stops the run after a checkpoint",
+                 info.rank, signal.Signals(signum).name)
+    if threading.current_thread() is threading.main_thread():
+        for name in ("SIGTERM", "SIGUSR1", "SIGINT"):
+            if hasattr(signal, name):
+                signal.signal(getattr(signal, name), note)
+
+
 def _run_worker(cfg: Config, info: RankInfo) -> None:
     from .transport import rpc as endpoint
+
+    _ignore_stop_signals(info)
 
     try:
         worker = Worker(cfg, info.rank, info.world_size - 1,   # interactions only, its shard

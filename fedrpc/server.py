@@ -1,16 +1,20 @@
 """The server (rank 0): the round loop of GFMFR.
 
-    sample -> send -> collect -> aggregate -> group -> fuse -> teach -> evaluate -> log
+    sample -> send -> collect -> admit -> aggregate -> group -> fuse -> teach
+           -> evaluate -> log -> checkpoint
 
-The server holds the item content features, the global shared parameters, the group
-fusion model and the groups. It never holds interactions or private parameters: it
-learns the catalogue and which clients exist from the workers' Hello replies, and sees
-only uploads of shared parameters and metric sums.
+The server holds the item content features, the `ServerState` (global shared
+parameters, groups, the fusion model, the history) and the strategy (`GFMFR`) that
+decides each step. It never holds interactions or private parameters: it learns the
+catalogue and which clients exist from the workers' Hello replies, and sees only uploads
+of shared parameters and metric sums.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
-import math
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,17 +23,17 @@ from typing import Optional
 import numpy as np
 import torch
 
-from . import algorithms as alg
 from .config import Config, to_dict
 from .data import Catalogue
-from .messages import EvalRequest, Hello, HelloReply, TrainReply, TrainRequest, stack_sorted
+from .messages import CheckpointRequest, EvalRequest, Hello, HelloReply, RestoreRequest
 from .metrics import add_sums, finalize
-from .reporting import append_jsonl, write_json
-from .transport import Transport
-from .worker import learning_rates, make_backbone_from
+from .reporting import RunDir
+from .state import (SERVER_FILE, ServerState, check_compatible, checkpoint_dir, manifest_of,
+                    prune, result_config, save_atomic, write_manifest)
+from .strategy import GFMFR, sample_participants
+from .transport import Transport, WorkerError
 
 log = logging.getLogger(__name__)
-SAMPLING = 0x5A  # purpose id of the participant-sampling stream
 
 
 @dataclass
@@ -42,174 +46,119 @@ class ContentFeatures:
     info: dict = field(default_factory=dict)
 
 
-@dataclass
-class GroupState:
-    """What the server remembers about groups between rounds."""
-    group_of_user: np.ndarray            # [U] last group per user, -1 = never grouped
-    prev_users: Optional[np.ndarray] = None
-    prev_labels: Optional[np.ndarray] = None
-    teacher: Optional[torch.Tensor] = None   # [G, I] g_k for the next round
-    warned_lopsided: bool = False
+class RoundFailed(RuntimeError):
+    """A worker failed in a round and the failure policy ends the run; the message names
+    the rank (and where the last complete round was checkpointed)."""
 
 
-def sample_participants(users: np.ndarray, cfg: Config, round_: int) -> np.ndarray:
-    f = cfg.fed
-    n = f.clients_per_round or max(1, int(round(f.client_fraction * len(users))))
-    if n >= len(users):
-        return users.copy()
-    rng = np.random.default_rng([cfg.run.seed, round_, SAMPLING])
-    return np.sort(rng.choice(users, size=n, replace=False))
+class Stopped(RuntimeError):
+    """The run was stopped by a signal after a checkpoint (exit code 75: resume with
+    run.resume=auto)."""
+
+    def __init__(self, signame: str, completed: int, folder: Optional[Path]):
+        where = f"checkpoint {folder}" if folder else "no round completed, nothing to resume"
+        super().__init__(f"stopped by {signame} after {completed} round(s); {where}")
+        self.signame, self.completed, self.folder = signame, completed, folder
 
 
 class Server:
     def __init__(self, cfg: Config, transport: Transport, features: Optional[ContentFeatures],
                  device: torch.device | str = "cpu"):
         """`device`: where the group fusion model trains (features are moved there)."""
-        self.cfg, self.transport, self.features = cfg, transport, features
-        self.device = torch.device(device)
-        self.backbone = make_backbone_from(cfg)
+        self.cfg, self.transport = cfg, transport
+        self.strategy = GFMFR(cfg, features, device)
         hello = transport.exchange(-1, "hello", {r: Hello() for r in transport.worker_ranks},
                                    cfg.runtime.startup_timeout_s)
         self.hosts = {r: h.users for r, h in hello.items()}
         self.catalogue = _one_catalogue(hello)
         self.users = np.sort(np.concatenate(list(self.hosts.values())))
-        self.shared = self.backbone.init_shared(self.catalogue.n_items, cfg.run.seed)
-        self.groups = GroupState(np.full(int(self.users.max()) + 1, -1, dtype=np.int64))
-        self.fusion = None
-        self.history: list[dict] = []
+        if len(self.users) == 0:
+            raise RoundFailed("the workers host no clients: the data has no users")
+        self.lost: dict[int, str] = {}      # worker ranks that failed and cannot rejoin
+        shared = self.strategy.backbone.init_shared(self.catalogue.n_items, cfg.run.seed)
+        self.state = ServerState(shared, np.full(int(self.users.max()) + 1, -1, dtype=np.int64))
+        self.checkpoint_folder: Optional[Path] = None   # the newest written or resumed
+
+    @property
+    def features(self) -> Optional[ContentFeatures]:
+        return self.strategy.features
+
+    @features.setter
+    def features(self, value: Optional[ContentFeatures]) -> None:
+        self.strategy.features = value
+
+    @property
+    def backbone(self):
+        return self.strategy.backbone
 
     # ------------------------------------------------------------------ one round
     def run_round(self, r: int) -> dict:
-        cfg, t = self.cfg, {}
+        cfg, st, t = self.cfg, self.state, {}
         rec: dict = {"round": r}
+        failures: Optional[dict] = {} if cfg.runtime.on_worker_failure == "skip" else None
 
         # --- sample participants and send each worker its clients' instruction
         tic = time.perf_counter()
         participants = sample_participants(self.users, cfg, r)
-        requests = self._train_requests(r, participants)
-        replies = self.transport.exchange(r, "train", requests, cfg.runtime.round_timeout_s)
-        up = stack_sorted(list(replies.values()))
+        requests = self.strategy.train_requests(st, self._live_hosts(), participants, r)
+        replies = self.transport.exchange(r, "train", requests, cfg.runtime.round_timeout_s,
+                                          failures)
         t["train"] = time.perf_counter() - tic
-        rec["clients"] = int(len(up.users))
-        rec["loss"] = {"base": float(up.loss.mean()), "kl": float(up.kl.mean())}
 
-        # --- aggregate the shared parameters
+        # --- admit the uploads that may be averaged, then aggregate them
         tic = time.perf_counter()
-        weights = (torch.from_numpy(up.n_samples).double()
-                   if cfg.fed.aggregation == "samples" else None)
-        self.shared = alg.mean_aggregate(up.shared, weights)
+        admitted = self.strategy.admit(st, [replies[k] for k in sorted(replies)], r)
+        up = admitted.up
+        rec["clients"] = int(len(up.users)) if up is not None else 0
+        rec["loss"] = {"base": float(up.loss.mean()) if up is not None else None,
+                       "kl": float(up.kl.mean()) if up is not None else None}
+        if admitted.rejected:
+            rec["rejected"] = {k: len(v) for k, v in admitted.rejected.items()}
+        if up is not None:
+            self.strategy.aggregate(st, up)
         t["aggregate"] = time.perf_counter() - tic
 
         # --- group clients, fuse content per group, derive the teacher
-        if cfg.gfmfr.enabled:
-            rec["gfmfr"] = self._group_fuse_teach(r, up, t)
+        if cfg.gfmfr.enabled and up is not None:
+            rec["gfmfr"] = self.strategy.group_fuse_teach(st, up, r, t)
 
         # --- evaluate (federated: only metric sums come back)
         if self._eval_due(r):
             tic = time.perf_counter()
-            rec["metrics"] = self._evaluate(r)
+            rec["metrics"] = self._evaluate(r, failures)
             t["eval"] = time.perf_counter() - tic
+        if failures:
+            rec["failures"] = self._lose(failures, requests, r)
         t["total"] = sum(t.values())
         rec["seconds"] = {k: round(v, 4) for k, v in t.items()}
         rec["bytes"] = self.transport.ledger.round_summary(r)
         return rec
 
-    def _train_requests(self, r: int, participants: np.ndarray) -> dict[int, TrainRequest]:
-        f, gs, rates = self.cfg.fed, self.groups, learning_rates(self.cfg)
-        lr = rates["lr"] * f.lr_decay ** r
-        lr_item = rates["lr_item"] * f.lr_item_decay ** r
-        lr_private_item = rates["lr_private_item"] * f.lr_item_decay ** r
-        out = {}
-        for rank, hosted in self.hosts.items():
-            users = participants[np.isin(participants, hosted)]
-            if len(users) == 0:
-                continue
-            teacher = rows = None
-            if gs.teacher is not None:
-                g = gs.group_of_user[users]
-                present = np.unique(g[g >= 0])
-                rows = np.where(g >= 0, np.searchsorted(present, g), -1).astype(np.int64)
-                teacher = gs.teacher[torch.from_numpy(present)]
-            out[rank] = TrainRequest(r, users, self.shared, lr, lr_item, lr_private_item,
-                                     teacher, rows)
+    def _live_hosts(self) -> dict[int, np.ndarray]:
+        return {r: u for r, u in self.hosts.items() if r not in self.lost}
+
+    def _lose(self, failures: dict, requests: dict, r: int) -> list[dict]:
+        """Record the ranks that failed this round (skip policy) and their clients."""
+        out = []
+        for rank, err in sorted(failures.items()):
+            lost = requests[rank].users if rank in requests else np.empty(0, np.int64)
+            out.append({"rank": rank, "clients_lost": int(len(lost)), "error": str(err)})
+            log.warning("round %d: %s; %d client(s) left out of this round "
+                        "(runtime.on_worker_failure=skip)", r, err, len(lost))
+            if not self.transport.can_rejoin:
+                self.lost[rank] = str(err)
         return out
-
-    def _group_fuse_teach(self, r: int, up: TrainReply, t: dict) -> dict:
-        g, gs, bb = self.cfg.gfmfr, self.groups, self.backbone
-        tic = time.perf_counter()
-        head = torch.cat([up.shared[n].reshape(len(up.users), -1) for n in bb.head], 1)
-        labels = alg.group_clients(head.double().numpy(), g.groups, g.clustering,
-                                   g.pca or None, seed=self.cfg.run.seed * 1000 + r)
-        labels = alg.align_groups(gs.prev_users, gs.prev_labels, up.users, labels, g.groups)
-        gs.prev_users, gs.prev_labels = up.users, labels
-        gs.group_of_user[up.users] = labels
-        targets, info = alg.group_targets(up.shared[bb.item_table], labels, g.groups,
-                                          g.min_group_size, g.outlier_factor)
-        t["group"] = time.perf_counter() - tic
-
-        tic = time.perf_counter()
-        fz = self._fusion_model()
-        fx, dev = self.features, self.device
-        text, image = fx.text.to(dev), fx.image.to(dev)
-        masks = (fx.text_mask.to(dev), fx.image_mask.to(dev))
-        res = alg.train_fusion(fz, self.fusion_opt, text, image, targets.to(dev),
-                               info["group_ok"].to(dev), g.fusion_epochs,
-                               g.fusion_time_budget_s or None, g.fusion_batch_size,
-                               seed=self.cfg.run.seed * 1000 + r,
-                               text_mask=masks[0], image_mask=masks[1])
-        fused = alg.fused_items(fz, text, image, masks,
-                                torch.arange(g.groups, device=dev)).to("cpu")
-        gs.teacher = self._teacher(fused, up, labels)
-        t["fusion"] = time.perf_counter() - tic
-        sizes = np.bincount(labels, minlength=g.groups)
-        warning = alg.lopsided_groups(sizes)
-        if warning and not gs.warned_lopsided:
-            gs.warned_lopsided = True       # once per run; every round's sizes are logged
-            log.warning("round %d: %s; gfmfr.clustering=%s%s", r, warning, g.clustering,
-                        " (kmeans gives balanced groups)" if g.clustering == "spectral" else "")
-        return {"group_sizes": sizes.tolist(),
-                "fallback_groups": list(map(int, info["fallback"])),
-                "excluded_uploads": int(info["n_excluded_nonfinite"] + info["n_excluded_outlier"]),
-                "fusion_loss": float(res["losses"][-1]) if res["losses"] else None,
-                "fusion_epochs": int(res["epochs_run"])}
-
-    def _teacher(self, fused: torch.Tensor, up: TrainReply, labels: np.ndarray) -> torch.Tensor:
-        """g_k over all items from the fused embeddings and the group's averaged head."""
-        logits = self.group_logits(fused, up, labels, self.cfg.gfmfr.teacher)
-        return torch.sigmoid(logits).clamp(1e-7, 1 - 1e-7)
-
-    def group_logits(self, E: torch.Tensor, up: TrainReply, labels: np.ndarray,
-                     kind: str) -> torch.Tensor:
-        """Each group's preference logits [G, I] over item embeddings E [G, I, d], scored
-        with the group's averaged uploads: kind "output" (the output layer alone, the
-        paper's formula) or "head" (the whole shared scoring head, no user part)."""
-        g, bb = self.cfg.gfmfr, self.backbone
-        names = bb.output if kind == "output" else bb.head
-        head = {n: _group_means(up.shared[n], labels, g.groups, self.shared[n])
-                for n in names}
-        if kind == "output":
-            w, b = (head[n] for n in bb.output)
-            return alg.teacher_logits(E, w, b.reshape(-1))
-        return bb.group_logits(E, head)
-
-    def _fusion_model(self):
-        if self.fusion is None:
-            g, fx = self.cfg.gfmfr, self.features
-            torch.manual_seed(self.cfg.run.seed)
-            self.fusion = alg.GroupFusion(g.groups, fx.text.shape[1], fx.image.shape[1],
-                                          self.cfg.fed.latent_dim, fusion=g.fusion).to(self.device)
-            self.fusion_opt = alg.make_fusion_optimizer(self.fusion, g.fusion_lr)
-        return self.fusion
 
     # ------------------------------------------------------------------ evaluation
     def _eval_due(self, r: int) -> bool:
         e = self.cfg.eval
         return (r + 1) % e.interval == 0 or r == self.cfg.fed.rounds - 1
 
-    def _evaluate(self, r: int) -> dict:
-        reqs = {rank: EvalRequest(r, self.shared, ("valid", "test"), len(users))
-                for rank, users in self.hosts.items()}
-        replies = self.transport.exchange(r, "eval", reqs, self.cfg.runtime.round_timeout_s)
+    def _evaluate(self, r: int, failures: Optional[dict] = None) -> dict:
+        reqs = {rank: EvalRequest(r, self.state.shared, ("valid", "test"), len(users))
+                for rank, users in self._live_hosts().items() if rank not in (failures or {})}
+        replies = self.transport.exchange(r, "eval", reqs, self.cfg.runtime.round_timeout_s,
+                                          failures)
         out = {}
         for which in ("valid", "test"):
             total: dict = {}
@@ -217,6 +166,70 @@ class Server:
                 total = add_sums(total, replies[rank].sums[which])
             out[which] = finalize(total)
         return out
+
+    # ------------------------------------------------------------------ checkpoints
+    def result_config(self) -> dict:
+        """The config values and data facts a checkpoint must share with a run resuming it."""
+        items = np.ascontiguousarray(self.catalogue.item_ids)
+        return result_config(self.cfg, {
+            "catalogue_sha256": hashlib.sha256(items.tobytes()).hexdigest(),
+            "clients": int(len(self.users))})
+
+    def checkpoint(self, completed: int, server_sd: Optional[dict] = None) -> Path:
+        """Write the state after `completed` rounds: the server's (`server_sd`, default its
+        current state) and every live worker's clients (each rank writes its own file;
+        a round not completed is rolled back there first); the manifest last."""
+        t0 = time.perf_counter()
+        folder = checkpoint_dir(self.cfg.run.out_dir, completed)
+        folder.mkdir(parents=True, exist_ok=True)
+        files = {SERVER_FILE: save_atomic(server_sd or self.state.state_dict(),
+                                          folder / SERVER_FILE)}
+        reqs = {rank: CheckpointRequest(completed, str(folder / f"clients-rank{rank}.pt"))
+                for rank in self._live_hosts()}
+        failures: dict = {}
+        replies = self.transport.exchange(-1, "checkpoint", reqs,
+                                          self.cfg.runtime.round_timeout_s, failures)
+        for rank, err in failures.items():
+            if self.transport.can_rejoin:
+                raise err
+            self.lost[rank] = str(err)
+            log.warning("checkpoint: %s; its clients continue from the newest checkpoint "
+                        "that has them", err)
+        client_files = []
+        for rank in sorted(replies):
+            name = Path(replies[rank].path).name
+            files[name] = {"sha256": replies[rank].sha256, "bytes": replies[rank].bytes}
+            client_files.append(f"{folder.name}/{name}")
+        if self.lost and self.checkpoint_folder is not None:
+            # clients of lost ranks continue from the newest checkpoint that has them
+            prev = manifest_of(self.checkpoint_folder)
+            client_files += [f for f in prev.get("client_files", []) if f not in client_files]
+        write_manifest(folder, completed, self.result_config(), files, client_files,
+                       {"lost_ranks": sorted(self.lost)})
+        self.checkpoint_folder = folder
+        prune(self.cfg.run.out_dir, self.cfg.run.keep_checkpoints)
+        log.info("checkpoint after round %d: %s (%.1f MB, %.2f s)", completed - 1, folder,
+                 sum(f["bytes"] for f in files.values()) / 1e6, time.perf_counter() - t0)
+        return folder
+
+    def resume(self, manifest: dict) -> None:
+        """Continue from a checkpoint (read_checkpoint's manifest): server state from its
+        server file, every worker's clients from its client files."""
+        check_compatible(manifest, self.result_config())
+        folder = Path(manifest["folder"])
+        sd = torch.load(folder / SERVER_FILE, weights_only=True)
+        self.state.load_state_dict(sd, self.strategy.fusion_model)
+        root = folder.parent
+        paths = tuple(str(root / rel) for rel in manifest["client_files"])
+        replies = self.transport.exchange(-1, "restore", {r: RestoreRequest(paths)
+                                                          for r in self._live_hosts()},
+                                          self.cfg.runtime.startup_timeout_s)
+        restored = sum(rep.restored for rep in replies.values())
+        if restored < len(self.users):
+            log.warning("resume: %d of %d clients found in the checkpoint; the others start "
+                        "from their initial state", restored, len(self.users))
+        self.checkpoint_folder = folder
+        log.info("resumed from %s: %d round(s) complete", folder, self.state.round)
 
 
 def _one_catalogue(hello: dict[int, HelloReply]) -> Catalogue:
@@ -226,14 +239,6 @@ def _one_catalogue(hello: dict[int, HelloReply]) -> Catalogue:
             raise RuntimeError(f"worker rank {h.rank} reports a different item catalogue "
                                f"than rank {first.rank}: the ranks read different data")
     return Catalogue(first.item_ids, first.id_base, first.id_space)
-
-
-def _group_means(values: torch.Tensor, labels: np.ndarray, n_groups: int,
-                 fallback: torch.Tensor) -> torch.Tensor:
-    """Mean of `values` [N, ...] per group -> [G, ...]; empty groups take `fallback`."""
-    lab = torch.from_numpy(np.asarray(labels, dtype=np.int64))
-    return torch.stack([values[lab == k].mean(0) if (lab == k).any() else fallback
-                        for k in range(n_groups)])
 
 
 # ---------------------------------------------------------------------- the run
@@ -255,39 +260,117 @@ def best_rounds(history: list[dict], k: int) -> dict:
                 "test": ref}}
 
 
-def run_rounds(server: Server, out_dir: Path, progress: bool = True) -> dict:
-    """The federation: rounds with evaluation, early stopping, logs and a summary."""
+class StopSignals:
+    """SIGTERM, SIGUSR1 (what SLURM sends before a preemption) and SIGINT (Ctrl-C) ask the
+    run to stop: the current round finishes, a checkpoint is written, every rank shuts
+    down. A second Ctrl-C stops at once, without a checkpoint."""
+    NAMES = ("SIGTERM", "SIGUSR1", "SIGINT")
+
+    def __init__(self) -> None:
+        self.requested: Optional[str] = None
+        self._old: dict = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for name in self.NAMES:
+                sig = getattr(signal, name, None)
+                if sig is not None:
+                    self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if not self.requested:
+            self.requested = name
+            log.warning("%s: the current round finishes, then a checkpoint is written and the "
+                        "run stops (Ctrl-C again: stop now, no checkpoint)", name)
+
+
+def run_rounds(server: Server, run_dir: RunDir, progress: bool = True,
+               stop: Optional[StopSignals] = None) -> dict:
+    """The federation from `server.state.round` on: rounds with evaluation, early
+    stopping, records, checkpoints and a summary."""
     from tqdm import tqdm
 
-    cfg = server.cfg
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "rounds.jsonl").unlink(missing_ok=True)
-    k = cfg.eval.ks[0]
-    best, since_best, stopped_early = -math.inf, 0, False
-    bar = tqdm(range(cfg.fed.rounds), desc="rounds", disable=not progress, dynamic_ncols=True)
+    cfg, st = server.cfg, server.state
+    k, every = cfg.eval.ks[0], cfg.run.checkpoint_every
+    run_dir.start_records(st.round)
+    stopped_early = _early_stop(st.history, k, cfg.eval.patience)
+    todo = [] if stopped_early else range(st.round, cfg.fed.rounds)
+    bar = tqdm(todo, desc="rounds", initial=st.round, total=cfg.fed.rounds,
+               disable=not progress, dynamic_ncols=True)
     t_start = time.perf_counter()
     for r in bar:
-        rec = server.run_round(r)
-        server.history.append(rec)
-        append_jsonl(out_dir / "rounds.jsonl", rec)
+        before = st.snapshot()                # the last complete round, should this fail
+        try:
+            rec = server.run_round(r)
+        except WorkerError as e:
+            raise _round_failed(server, run_dir, r, before, e) from e
+        st.round = r + 1
+        st.history.append(rec)
+        run_dir.append(rec)
         bar.set_postfix_str(_progress_line(rec, k))
         # with a progress bar the line is already on screen
         log.log(logging.DEBUG if progress else logging.INFO, "round %d %s", r, _progress_line(rec, k))
-        if "metrics" in rec and cfg.eval.patience:
-            score = rec["metrics"]["valid"][f"NDCG@{k}"]
-            best, since_best = (score, 0) if score > best else (best, since_best + 1)
-            if since_best >= cfg.eval.patience:
-                stopped_early = True
-                log.info("early stop at round %d: no better valid NDCG@%d for %d evaluations",
-                         r, k, cfg.eval.patience)
-                break
-    summary = {"config": to_dict(cfg), "rounds_run": len(server.history),
+        stopped_early = _early_stop(st.history, k, cfg.eval.patience)
+        last = st.round == cfg.fed.rounds or stopped_early
+        requested = stop is not None and stop.requested
+        if (every and (st.round % every == 0 or last)) or requested or server.lost:
+            server.checkpoint(st.round)
+        if server.lost:
+            raise RoundFailed(
+                f"{'; '.join(server.lost.values())}. runtime.on_worker_failure=skip: round "
+                f"{r} finished without it, but a lost rank cannot rejoin over "
+                f"{server.transport.name}: checkpoint {server.checkpoint_folder}; resume with "
+                f"run.resume=auto (any number of workers)")
+        if requested:
+            raise Stopped(stop.requested, st.round, server.checkpoint_folder)
+        if stopped_early:
+            log.info("early stop at round %d: no better valid NDCG@%d for %d evaluations",
+                     r, k, cfg.eval.patience)
+            break
+    summary = {"config": to_dict(cfg), "rounds_run": len(st.history),
                "stopped_early": stopped_early, "seconds": time.perf_counter() - t_start,
-               **best_rounds(server.history, k),
+               **best_rounds(st.history, k),
                "features": server.features.info if server.features else None,
-               "seconds_per_round_by_phase": _mean_phases(server.history)}
-    write_json(out_dir / "summary.json", summary)
+               "seconds_per_round_by_phase": _mean_phases(st.history)}
+    run_dir.write_summary(summary)
     return summary
+
+
+def _early_stop(history: list[dict], k: int, patience: int) -> bool:
+    """No better validation NDCG@k for `patience` evaluations (0 = never)."""
+    if not patience:
+        return False
+    scores = [h["metrics"]["valid"][f"NDCG@{k}"] for h in history if "metrics" in h]
+    if not scores:
+        return False
+    best = int(np.argmax(scores))             # the first best
+    return len(scores) - 1 - best >= patience
+
+
+def _round_failed(server: Server, run_dir: RunDir, r: int, before: dict,
+                  e: WorkerError) -> RoundFailed:
+    """Record the failure; checkpoint the last complete round (abort policy)."""
+    run_dir.append({"round": r, "failure": {"rank": e.rank, "error": str(e),
+                                            "policy": server.cfg.runtime.on_worker_failure}})
+    if not server.transport.can_rejoin:
+        server.lost[e.rank] = str(e)
+    folder = server.checkpoint_folder
+    if r > 0 and (folder is None or folder != checkpoint_dir(server.cfg.run.out_dir, r)):
+        try:
+            folder = server.checkpoint(r, before)
+        except Exception as ce:               # the failure itself is what must be reported
+            log.error("could not checkpoint round %d after the failure: %s", r - 1, ce)
+    where = (f"; the last complete round is in checkpoint {folder}: resume with "
+             f"run.resume=auto" if folder else "; no round completed, nothing to resume")
+    return RoundFailed(f"{e}{where}")
 
 
 def _mean_phases(history: list[dict]) -> dict:

@@ -18,7 +18,6 @@ s are always a prefix: a step slices, it never gathers clients.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -30,6 +29,8 @@ from torch import Tensor
 from .config import FedConfig, GFMFRConfig
 from .data.sampling import TRAIN_NEGATIVES, negatives_for_users, user_rng
 from .models.backbones import Backbone, FedRAP
+from .state import ClientStore
+from .strategy import distill
 
 _FED, _GFMFR = FedConfig(), GFMFRConfig()  # defaults come from the config, in one place
 _RATES = FedRAP.rates                      # the default backbone's
@@ -102,32 +103,6 @@ def build_client_batches(users: np.ndarray, train_indptr: np.ndarray, train_item
 
 
 @dataclass
-class ClientState:
-    """Private state of the clients a worker hosts (rows follow `users`)."""
-    users: np.ndarray
-    private: dict[str, Tensor]          # [M, ...] per parameter
-    ratio: Tensor                       # [M] EMA of L_base / KL; NaN = not yet set
-    device: torch.device = torch.device("cpu")
-
-    @classmethod
-    def create(cls, backbone: Backbone, users: np.ndarray, n_items: int, seed: int,
-               device: torch.device | str = "cpu"):
-        """Private parameters drawn on the CPU from each user's own stream (so they do not
-        depend on the device or the packing), then kept on `device`."""
-        per_user = [backbone.init_private(n_items, seed, int(u)) for u in users]
-        private = {p.name: torch.stack([pu[p.name] for pu in per_user]).to(device)
-                   for p in backbone.private()}
-        return cls(users, private, torch.full((len(users),), float("nan"), device=device),
-                   torch.device(device))
-
-    def slots(self, users: np.ndarray) -> Tensor:
-        idx = np.searchsorted(self.users, users)
-        if np.any(idx >= len(self.users)) or np.any(self.users[np.minimum(idx, len(self.users) - 1)] != users):
-            raise KeyError("some users are not hosted here")
-        return torch.from_numpy(idx.astype(np.int64))
-
-
-@dataclass
 class TrainOutput:
     shared: dict[str, Tensor]           # [N, ...] each client's trained shared params
     loss: Tensor                        # [N] mean base loss over the client's steps
@@ -153,7 +128,7 @@ def _sgd_rows(table: Tensor, flat: Tensor, grad: Tensor, valid: Tensor, lr: floa
     view.index_copy_(0, uniq, old - lr * (g + decay * old))
 
 
-def train_clients(backbone: Backbone, global_shared: dict[str, Tensor], state: ClientState,
+def train_clients(backbone: Backbone, global_shared: dict[str, Tensor], state: ClientStore,
                   batch: ClientBatch, s: LocalSettings, teacher: Optional[Tensor] = None,
                   groups: Optional[Tensor] = None) -> TrainOutput:
     """Local training of the clients in `batch`; updates their private state in place.
@@ -183,7 +158,6 @@ def train_clients(backbone: Backbone, global_shared: dict[str, Tensor], state: C
     tables = {p.name: stores[p.name] for p in backbone.params() if p.table}
     dense_store = {p.name: stores[p.name] for p in backbone.params() if not p.table}
     ratio = state.ratio[slots].clone()
-    distill_w = math.cos(math.pi * s.round / (2 * max(s.total_rounds, 1)))
     sum_base = torch.zeros(N, dtype=torch.float64, device=dev)
     sum_kl = torch.zeros(N, dtype=torch.float64, device=dev)
     n_items, d = batch.n_items, backbone.d
@@ -204,20 +178,11 @@ def train_clients(backbone: Backbone, global_shared: dict[str, Tensor], state: C
         reg = backbone.regulariser(rows, dense, v, s.round)
         base = bce if reg is None else bce + reg
         loss = base
-        if teacher is not None:
-            has = grp[:n] >= 0
-            q = teacher[grp[:n].clamp(min=0).unsqueeze(1), it].clamp(1e-7, 1.0)
-            p = torch.sigmoid(logits).clamp(1e-7, 1 - 1e-7)
-            q1 = (1 - q).clamp(min=1e-7)
-            kl_el = q * (q.log() - p.log()) + q1 * (q1.log() - (1 - p).log())
-            kl = (kl_el * vf).sum(1) / cnt
-            cur = (base.detach() / kl.detach().clamp(min=1e-8)).clamp(max=s.max_ratio)
-            prev = ratio[:n]
-            new = torch.where(torch.isnan(prev), cur, s.ema_decay * prev + (1 - s.ema_decay) * cur)
-            ratio[:n] = torch.where(has, new, prev)
-            lam = torch.where(has, ratio[:n].nan_to_num(0.0) * distill_w, torch.zeros_like(cur))
-            loss = base + lam * kl
-            sum_kl[:n] += torch.where(has, kl.detach(), torch.zeros_like(kl)).double()
+        if teacher is not None:                 # GFMFR's client half
+            term, kl, ratio[:n] = distill(logits, it, grp[:n], teacher, ratio[:n], vf, base,
+                                          s.round, s.total_rounds, s.ema_decay, s.max_ratio)
+            loss = base + term
+            sum_kl[:n] += kl.double()
         sum_base[:n] += base.detach().double()
         leaves = list(rows.values()) + list(dense.values())
         grads = torch.autograd.grad(loss.sum(), leaves)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -15,11 +16,13 @@ import torch
 
 from .config import Config
 from .data import Interactions, catalogue_of, load_interactions, split_of
-from .messages import (EvalReply, EvalRequest, Hello, HelloReply, Shutdown, TrainReply,
+from .messages import (CheckpointReply, CheckpointRequest, EvalReply, EvalRequest, Hello,
+                       HelloReply, RestoreReply, RestoreRequest, Shutdown, TrainReply,
                        TrainRequest)
 from .metrics import evaluate_users
-from .models import BACKBONES, make_backbone
-from .training import ClientState, LocalSettings, build_client_batches, train_clients
+from .state import ClientStore, save_atomic
+from .strategy import make_backbone_from
+from .training import LocalSettings, build_client_batches, train_clients
 
 log = logging.getLogger(__name__)
 
@@ -27,18 +30,6 @@ log = logging.getLogger(__name__)
 def shard_users(n_users: int, n_workers: int, index: int) -> np.ndarray:
     """The users hosted by worker `index` (0-based) of `n_workers`: u mod n_workers."""
     return np.arange(index, n_users, n_workers, dtype=np.int64)
-
-
-def make_backbone_from(cfg: Config):
-    f = cfg.fed
-    kw = {"alpha": f.alpha, "beta": f.beta} if f.backbone == "fedrap" else {}
-    return make_backbone(f.backbone, f.latent_dim, **kw)
-
-
-def learning_rates(cfg: Config) -> dict[str, float]:
-    """fed.lr, fed.lr_item, fed.lr_private_item, each the backbone's rate when empty."""
-    rates = BACKBONES[cfg.fed.backbone].rates
-    return {k: (rates[k] if getattr(cfg.fed, k) is None else getattr(cfg.fed, k)) for k in rates}
 
 
 class Worker:
@@ -51,7 +42,7 @@ class Worker:
         self.catalogue = catalogue_of(cfg, inter)
         self.users = shard_users(inter.n_users, n_workers, rank - 1)
         self.backbone = make_backbone_from(cfg)
-        self.state = ClientState.create(self.backbone, self.users, self.n_items, cfg.run.seed,
+        self.state = ClientStore.create(self.backbone, self.users, self.n_items, cfg.run.seed,
                                         self.device)
 
     # ------------------------------------------------------------------ dispatch
@@ -63,6 +54,11 @@ class Worker:
         if isinstance(msg, Hello):
             c = self.catalogue
             return HelloReply(self.rank, self.users, c.item_ids, c.id_base, c.id_space)
+        if isinstance(msg, CheckpointRequest):
+            return self.checkpoint(msg)
+        if isinstance(msg, RestoreRequest):
+            return RestoreReply(self.state.load_rows([Path(p) for p in msg.paths]),
+                                len(self.users))
         if isinstance(msg, Shutdown):
             return None
         raise TypeError(f"unexpected message {type(msg).__name__}")
@@ -79,6 +75,14 @@ class Worker:
                              max_ratio=self.cfg.gfmfr.max_ratio)
 
     def train(self, req: TrainRequest) -> TrainReply:
+        self.state.begin_round(req.round, req.users)   # undone if the round fails
+        try:
+            return self._train(req)
+        except BaseException:
+            self.state.settle(req.round)               # this round did not complete here
+            raise
+
+    def _train(self, req: TrainRequest) -> TrainReply:
         t0 = time.perf_counter()
         s = self.settings(req)
         groups = None if req.teacher_row is None else torch.from_numpy(req.teacher_row)
@@ -99,6 +103,16 @@ class Worker:
                           np.concatenate([o.n_samples for o in outs]),
                           cat([o.loss for o in outs]), cat([o.kl for o in outs]),
                           time.perf_counter() - t0)
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint(self, req: CheckpointRequest) -> CheckpointReply:
+        """Write the hosted clients' state after `req.completed` rounds (this rank's own
+        file, so ranks write in parallel)."""
+        t0 = time.perf_counter()
+        self.state.settle(req.completed)
+        meta = save_atomic(self.state.state_dict(), Path(req.path))
+        return CheckpointReply(req.path, meta["sha256"], meta["bytes"], len(self.users),
+                               time.perf_counter() - t0)
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, req: EvalRequest) -> EvalReply:

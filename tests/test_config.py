@@ -68,7 +68,7 @@ def test_readme_lists_every_key_with_its_current_default():
     ("fedavgmf", {"lr": 5.0, "lr_item": 64.0, "lr_private_item": 0.5}),
 ])
 def test_empty_learning_rates_take_the_backbones_and_set_ones_win(backbone, expected):
-    from fedrpc.worker import learning_rates
+    from fedrpc.strategy import learning_rates
     assert learning_rates(load_config(None, [f"fed.backbone={backbone}"])) == expected
     set_ = load_config(None, [f"fed.backbone={backbone}", "fed.lr=0.2"])
     assert learning_rates(set_) == {**expected, "lr": 0.2}

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from fedrpc.config import load_config
-from fedrpc.messages import EvalReply, HelloReply, TrainReply
+from fedrpc.messages import CheckpointReply, EvalReply, HelloReply, TrainReply
 from fedrpc.runtime import run_local
-from fedrpc.transport import WorkerError
+from fedrpc.server import RoundFailed
 from fedrpc.worker import Worker
 
 SMALL = ["data.synthetic.users=30", "data.synthetic.items=50",
@@ -104,6 +104,8 @@ def test_server_receives_no_interactions_and_no_private_parameters(tmp_path, mon
                 assert all(isinstance(v, int) for v in sums.values())   # sums only
         elif isinstance(reply, HelloReply):
             assert set(vars(reply)) == {"rank", "users", "item_ids", "id_base", "id_space"}
+        elif isinstance(reply, CheckpointReply):    # the worker keeps its file; the server
+            assert set(vars(reply)) == {"path", "sha256", "bytes", "clients", "seconds"}
         else:
             assert reply is None
 
@@ -116,7 +118,7 @@ def test_a_failing_worker_is_named(tmp_path, monkeypatch):
 
     orig = Worker.train
     monkeypatch.setattr(Worker, "train", boom)
-    with pytest.raises(WorkerError, match="worker rank 2: RuntimeError: disk on fire"):
+    with pytest.raises(RoundFailed, match="worker rank 2: RuntimeError: disk on fire"):
         run(tmp_path, "fed.workers=2")
 
 

@@ -6,7 +6,8 @@ import torch
 from fedrpc.config import load_config
 from fedrpc.data import load_interactions, split_of
 from fedrpc.models import BACKBONES, make_backbone
-from fedrpc.training import ClientState, LocalSettings, build_client_batches, train_clients
+from fedrpc.state import ClientStore
+from fedrpc.training import LocalSettings, build_client_batches, train_clients
 
 SMALL = ["data.synthetic.users=24", "data.synthetic.items=60",
          "data.synthetic.mean_interactions=12", "data.synthetic.min_interactions=5"]
@@ -24,7 +25,7 @@ def _train(name, small, users, settings, teacher=None, groups=None, one_by_one=F
     inter, split = small
     bb = make_backbone(name, 8)
     shared = bb.init_shared(inter.n_items, 0)
-    state = state or ClientState.create(bb, np.arange(inter.n_users), inter.n_items, 0)
+    state = state or ClientStore.create(bb, np.arange(inter.n_users), inter.n_items, 0)
     chunks = [users[j:j + 1] for j in range(len(users))] if one_by_one else [users]
     outs = []
     for ch in chunks:

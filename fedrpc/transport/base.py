@@ -73,6 +73,8 @@ def _client_bytes(msg) -> Optional[np.ndarray]:
 class Transport(ABC):
     """Moves messages between the server (rank 0) and the worker ranks."""
 
+    can_rejoin = True    # a worker that failed a request can still answer the next one
+
     def __init__(self) -> None:
         self.ledger = ByteLedger()
 
@@ -82,16 +84,27 @@ class Transport(ABC):
         ...
 
     @abstractmethod
-    def _send_all(self, requests: dict[int, Any], timeout: float) -> dict[int, tuple[Any, Optional[int], Optional[int]]]:
-        """Deliver each request; return {rank: (reply, wire bytes down, wire bytes up)}."""
+    def _send_all(self, requests: dict[int, Any], timeout: float, tolerate: bool = False
+                  ) -> dict[int, Any]:
+        """Deliver each request; return {rank: (reply, wire bytes down, wire bytes up)}.
+        A rank that fails raises WorkerError at once; with `tolerate`, its entry is the
+        WorkerError instead and the other ranks are still waited for."""
 
     def exchange(self, round_: int, kind: str, requests: dict[int, Any],
-                 timeout: float) -> dict[int, Any]:
+                 timeout: float, failures: Optional[dict] = None) -> dict[int, Any]:
+        """Send each worker its request and return {rank: reply}. A failing rank raises
+        WorkerError; when a `failures` dict is given, failing ranks are put there
+        ({rank: WorkerError}) and the replies of the others are returned."""
         t0 = time.perf_counter()
-        results = self._send_all(requests, timeout)
+        results = self._send_all(requests, timeout, failures is not None)
         dt = time.perf_counter() - t0
         replies = {}
         for rank, req in requests.items():
+            if isinstance(results[rank], WorkerError):
+                failures[rank] = results[rank]
+                self.ledger.add(Record(round_, kind, "down", 0, rank, _payload(req), None,
+                                       _client_bytes(req), dt))
+                continue
             reply, wire_down, wire_up = results[rank]
             self.ledger.add(Record(round_, kind, "down", 0, rank, _payload(req), wire_down,
                                    _client_bytes(req), dt))

@@ -7,6 +7,7 @@ from .base import Transport, WorkerError
 
 
 class LocalTransport(Transport):
+    name = "local"
     def __init__(self, workers: dict[int, Any]):
         super().__init__()
         self.workers = workers
@@ -15,11 +16,14 @@ class LocalTransport(Transport):
     def worker_ranks(self) -> list[int]:
         return sorted(self.workers)
 
-    def _send_all(self, requests, timeout):
+    def _send_all(self, requests, timeout, tolerate=False):
         out = {}
         for rank in sorted(requests):
             try:
                 out[rank] = (self.workers[rank].handle(requests[rank]), None, None)
             except Exception as e:  # a worker's failure is reported with its rank
-                raise WorkerError(rank, f"{type(e).__name__}: {e}") from e
+                err = WorkerError(rank, f"{type(e).__name__}: {e}")
+                if not tolerate:
+                    raise err from e
+                out[rank] = err
         return out

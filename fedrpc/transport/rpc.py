@@ -195,6 +195,8 @@ class _TensorTablePickle:
 # ---------------------------------------------------------------------- server side
 class RpcTransport(Transport):
     """The server's transport: one RPC per worker per exchange, all in flight at once."""
+    name = "rpc"
+    can_rejoin = False   # a rank that died cannot join a running RPC group again
 
     def __init__(self, world_size: int, control_timeout_s: float = 60.0):
         super().__init__()
@@ -215,32 +217,42 @@ class RpcTransport(Transport):
         self._kind = kind
         return super().exchange(round_, kind, requests, timeout)
 
-    def _send_all(self, requests, timeout):
+    def _send_all(self, requests, timeout, tolerate=False):
         done: queue.SimpleQueue = queue.SimpleQueue()
         futures, down, t0 = {}, {}, time.monotonic()
+        out: dict = {}
+
+        def failed(rank: int, err: WorkerError, cause=None) -> None:
+            if not tolerate:
+                raise err from cause
+            out[rank] = err
+
         for rank in sorted(requests):
             down[rank] = wire_bytes(requests[rank], call=True)
             try:
                 fut = rpc.rpc_async(worker_name(rank), _handle, args=(requests[rank],),
                                     timeout=timeout)
             except Exception as e:
-                raise WorkerError(rank, f"cannot send ({_first_line(e)}) ({self._where})") from e
+                failed(rank, WorkerError(rank, f"cannot send ({_first_line(e)}) ({self._where})"), e)
+                continue
             fut.add_done_callback(lambda _f, r=rank: done.put(r))
             futures[rank] = fut
-        out: dict = {}
         deadline = time.monotonic() + timeout + 10.0   # RPC's own timeout fires first
-        while len(out) < len(futures):
+        while len(out) < len(requests):
             try:
                 rank = done.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
-                late = min(set(futures) - set(out))
-                raise WorkerError(late, self._late(timeout)) from None
+                for late in sorted(set(futures) - set(out)):
+                    failed(late, WorkerError(late, self._late(timeout)))
+                break
             try:
                 reply = futures[rank].wait()
             except Exception as e:
-                raise WorkerError(rank, self._describe(e, timeout)) from e
+                failed(rank, WorkerError(rank, self._describe(e, timeout)), e)
+                continue
             if isinstance(reply, RemoteFailure):
-                raise WorkerError(rank, f"{reply.kind}: {reply.message} ({self._where})")
+                failed(rank, WorkerError(rank, f"{reply.kind}: {reply.message} ({self._where})"))
+                continue
             out[rank] = (reply, down[rank], wire_bytes(reply))
             log.debug("%s: rank %d answered after %.3f s (its own work %.3f s), wire down %d "
                       "up %d", self._where, rank, time.monotonic() - t0,

@@ -1,0 +1,347 @@
+"""Federation state as objects, and checkpoints of it.
+
+- `ServerState` (rank 0): rounds completed, the global shared parameters, groups and
+  their alignment, the teacher, the group-fusion model and its optimiser, the per-round
+  history. `state_dict()` / `load_state_dict()`.
+- `ClientStore` (each worker): the private state of the clients it hosts (private
+  parameters, the EMA ratio of the distillation weight), one row per user. Its
+  `state_dict()` is keyed by user id, so a checkpoint written by W workers loads into any
+  other number of workers. Training a round keeps an undo copy of the participants' rows
+  until the server settles the round (`settle`): a round that failed on some rank is
+  rolled back, so a checkpoint is always the state after a *complete* round.
+
+Checkpoints live under `<run.out_dir>/checkpoints/round-NNNNNN/`: `server.pt`, one
+`clients-rankR.pt` per worker (each rank writes its own, in parallel), and
+`manifest.json`, written last, naming every file with its SHA-256 and the configuration
+values that affect results. A folder without a manifest, or whose files do not match
+their hashes, is not a checkpoint. Every file is written atomically (temporary file,
+fsync, rename).
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .config import Config, ConfigError, to_dict
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+SERVER_FILE = "server.pt"
+
+# Keys that do not change a run's numbers: where it runs, how it is logged, checkpointed
+# or packed. Every other key must match for a checkpoint to be resumed.
+NOT_AFFECTING = ("run.out_dir", "run.progress", "run.device", "run.resume",
+                 "run.checkpoint_every", "run.keep_checkpoints", "run.overwrite",
+                 "fed.transport", "fed.workers", "fed.batched", "eval.batch_users",
+                 "runtime.", "encoder.cache", "encoder.cache_dir", "encoder.device",
+                 "encoder.text.batch_size", "encoder.image.batch_size")
+
+
+# ---------------------------------------------------------------------- server state
+@dataclass
+class ServerState:
+    """What the server knows between rounds (never interactions or private parameters)."""
+    shared: dict[str, Tensor]
+    group_of_user: np.ndarray                  # [U] last group per user, -1 = never grouped
+    round: int = 0                             # rounds completed = the next round to run
+    prev_users: Optional[np.ndarray] = None    # last round's grouped clients and labels
+    prev_labels: Optional[np.ndarray] = None
+    teacher: Optional[Tensor] = None           # [G, I] g_k for the next round
+    warned_lopsided: bool = False
+    fusion: Optional[torch.nn.Module] = None   # the persistent group-fusion model
+    fusion_opt: Optional[torch.optim.Optimizer] = None
+    history: list[dict] = field(default_factory=list)   # one record per completed round
+
+    def state_dict(self) -> dict:
+        return {"round": self.round, "shared": dict(self.shared),
+                "group_of_user": torch.from_numpy(self.group_of_user),
+                "prev_users": _t(self.prev_users), "prev_labels": _t(self.prev_labels),
+                "teacher": self.teacher, "warned_lopsided": self.warned_lopsided,
+                "fusion": self.fusion.state_dict() if self.fusion is not None else None,
+                "fusion_opt": self.fusion_opt.state_dict() if self.fusion_opt is not None else None,
+                "history": json.dumps(self.history)}
+
+    def load_state_dict(self, sd: dict, build_fusion=None) -> None:
+        """Restore from `state_dict()` output; `build_fusion(state)` creates the fusion
+        model and optimiser (the strategy knows how) before their states are loaded."""
+        self.round = int(sd["round"])
+        self.shared = {k: v.clone() for k, v in sd["shared"].items()}
+        self.group_of_user = sd["group_of_user"].numpy().copy()
+        self.prev_users, self.prev_labels = _np(sd["prev_users"]), _np(sd["prev_labels"])
+        self.teacher = None if sd["teacher"] is None else sd["teacher"].clone()
+        self.warned_lopsided = bool(sd["warned_lopsided"])
+        self.history = json.loads(sd["history"])
+        if sd["fusion"] is not None:
+            if self.fusion is None:
+                build_fusion(self)
+            self.fusion.load_state_dict(sd["fusion"])
+            self.fusion_opt.load_state_dict(sd["fusion_opt"])
+
+    def snapshot(self) -> dict:
+        """A deep copy of the state dict (the state before a round, kept in memory so a
+        failed round can be checkpointed as the last complete one)."""
+        return copy.deepcopy(self.state_dict())
+
+
+def _t(a: Optional[np.ndarray]) -> Optional[Tensor]:
+    return None if a is None else torch.from_numpy(np.asarray(a))
+
+
+def _np(t: Optional[Tensor]) -> Optional[np.ndarray]:
+    return None if t is None else t.numpy().copy()
+
+
+# ---------------------------------------------------------------------- client store
+@dataclass
+class ClientStore:
+    """Private state of the clients a worker hosts (rows follow `users`, sorted)."""
+    users: np.ndarray
+    private: dict[str, Tensor]          # [M, ...] per parameter
+    ratio: Tensor                       # [M] EMA of L_base / KL; NaN = not yet set
+    device: torch.device = torch.device("cpu")
+    _undo: Optional[tuple] = None       # (round, slots, private rows, ratio) before training
+
+    @classmethod
+    def create(cls, backbone, users: np.ndarray, n_items: int, seed: int,
+               device: torch.device | str = "cpu") -> "ClientStore":
+        """Private parameters drawn on the CPU from each user's own stream (so they do not
+        depend on the device or the packing), then kept on `device`."""
+        per_user = [backbone.init_private(n_items, seed, int(u)) for u in users]
+        private = {p.name: torch.stack([pu[p.name] for pu in per_user]).to(device)
+                   for p in backbone.private()}
+        return cls(users, private, torch.full((len(users),), float("nan"), device=device),
+                   torch.device(device))
+
+    def slots(self, users: np.ndarray) -> Tensor:
+        idx = np.searchsorted(self.users, users)
+        if np.any(idx >= len(self.users)) or np.any(self.users[np.minimum(idx, len(self.users) - 1)] != users):
+            raise KeyError("some users are not hosted here")
+        return torch.from_numpy(idx.astype(np.int64))
+
+    # -- a round's undo copy --------------------------------------------------------
+    def begin_round(self, round_: int, users: np.ndarray) -> None:
+        """Remember the rows `users` train on in round `round_` until it is settled."""
+        self.settle(round_)                       # an earlier round is complete by now
+        slots = self.slots(users).to(self.device)
+        self._undo = (round_, slots, {k: v[slots].clone() for k, v in self.private.items()},
+                      self.ratio[slots].clone())
+
+    def settle(self, completed: int) -> None:
+        """`completed` rounds are complete on the server: keep a trained round below it,
+        roll back one at or above it (it failed somewhere)."""
+        if self._undo is None:
+            return
+        round_, slots, rows, ratio = self._undo
+        if round_ >= completed:
+            for k, v in rows.items():
+                self.private[k][slots] = v
+            self.ratio[slots] = ratio
+            log.info("round %d did not complete: its local training is rolled back", round_)
+        self._undo = None
+
+    # -- checkpoints ----------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"users": torch.from_numpy(self.users), "ratio": self.ratio.cpu(),
+                "private": {k: v.cpu() for k, v in self.private.items()}}
+
+    def load_rows(self, files: list[Path]) -> int:
+        """Take this store's users' rows from client files (earlier files win where a
+        user appears twice); returns how many users were restored."""
+        todo = np.ones(len(self.users), dtype=bool)
+        for f in files:
+            sd = torch.load(f, mmap=True, weights_only=True)
+            theirs = sd["users"].numpy()
+            if len(theirs) == 0:
+                continue
+            pos = np.minimum(np.searchsorted(theirs, self.users), len(theirs) - 1)
+            hit = todo & (theirs[pos] == self.users)
+            if not hit.any():
+                continue
+            mine = torch.from_numpy(np.nonzero(hit)[0]).to(self.device)
+            src = torch.from_numpy(pos[hit])
+            for k in self.private:
+                self.private[k][mine] = sd["private"][k].index_select(0, src).to(self.device)
+            self.ratio[mine] = sd["ratio"].index_select(0, src).to(self.device)
+            todo &= ~hit
+        return int((~todo).sum())
+
+
+# ---------------------------------------------------------------------- files
+def save_atomic(obj: Any, path: Path) -> dict:
+    """torch.save `obj` to `path` atomically; returns {"sha256", "bytes"} of the file."""
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return {"sha256": file_sha256(path), "bytes": path.stat().st_size}
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def checkpoint_dir(out_dir: Path | str, completed: int) -> Path:
+    return Path(out_dir) / "checkpoints" / f"round-{completed:06d}"
+
+
+# ---------------------------------------------------------------------- compatibility
+def result_config(cfg: Config, data: dict) -> dict:
+    """The configuration values that affect a run's numbers, flattened, plus what the
+    server knows of the data (`data`: catalogue hash and number of clients)."""
+    flat: dict = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}{k}.", v)
+        else:
+            key = prefix[:-1]
+            if not any(key == n or (n.endswith(".") and key.startswith(n))
+                       for n in NOT_AFFECTING):
+                flat[key] = node
+
+    walk("", to_dict(cfg))
+    flat.update({f"data.{k}": v for k, v in data.items()})
+    return flat
+
+
+def incompatibility(saved: dict, current: dict) -> list[str]:
+    """Keys whose values differ between a checkpoint's result config and this run's."""
+    return sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+
+
+# ---------------------------------------------------------------------- manifests
+def write_manifest(folder: Path, completed: int, result_cfg: dict, files: dict,
+                   client_files: list[str], extra: Optional[dict] = None) -> None:
+    """The manifest makes `folder` a checkpoint: written last, atomically.
+    `files`: name -> {"sha256", "bytes"} for the files in this folder; `client_files`:
+    the client files to restore from, relative to the checkpoints root, earlier first."""
+    manifest = {"round": completed, "config": result_cfg, "files": files,
+                "client_files": client_files, **(extra or {})}
+    write_text_atomic(folder / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+def read_checkpoint(folder: Path) -> dict:
+    """The manifest of checkpoint `folder` after checking every file it names against its
+    hash (ValueError naming what is wrong)."""
+    mf = folder / MANIFEST
+    if not mf.is_file():
+        raise ValueError(f"{folder}: no {MANIFEST} (an incomplete checkpoint)")
+    try:
+        manifest = json.loads(mf.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{mf}: not valid JSON ({e})") from None
+    root = folder.parent
+    named = {f"{folder.name}/{n}": v for n, v in manifest["files"].items()}
+    for rel in manifest["client_files"]:
+        if rel not in named:
+            other = read_manifest_files(root / rel.split("/")[0])
+            named[rel] = other.get(rel)
+    for rel, meta in named.items():
+        path = root / rel
+        if meta is None or not path.is_file():
+            raise ValueError(f"{path}: missing")
+        if path.stat().st_size != meta["bytes"] or file_sha256(path) != meta["sha256"]:
+            raise ValueError(f"{path}: does not match its hash (truncated or corrupt)")
+    manifest["folder"] = str(folder)
+    return manifest
+
+
+def manifest_of(folder: Path) -> dict:
+    """The manifest of `folder` as written ({} when there is none or it is unreadable)."""
+    try:
+        return json.loads((folder / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def read_manifest_files(folder: Path) -> dict:
+    m = manifest_of(folder)
+    return {f"{folder.name}/{n}": v for n, v in m.get("files", {}).items()}
+
+
+def checkpoints(out_dir: Path | str) -> list[Path]:
+    """Checkpoint folders under out_dir, newest first (complete or not)."""
+    root = Path(out_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith("round-")),
+                  reverse=True)
+
+
+def find_checkpoint(cfg: Config) -> Optional[dict]:
+    """The checkpoint run.resume names: "auto" = the newest complete one under
+    run.out_dir (a corrupt one is skipped with a warning; None when there is none), or a
+    checkpoint folder (an error when it is not complete)."""
+    resume = cfg.run.resume
+    if not resume:
+        return None
+    if resume != "auto":
+        folder = Path(resume)
+        try:
+            return read_checkpoint(folder)
+        except ValueError as e:
+            raise ConfigError(f"run.resume: {e}") from None
+    for folder in checkpoints(cfg.run.out_dir):
+        try:
+            return read_checkpoint(folder)
+        except ValueError as e:
+            log.warning("skipping checkpoint %s: %s", folder.name, e)
+    log.info("run.resume=auto: no checkpoint under %s; starting at round 0",
+             Path(cfg.run.out_dir) / "checkpoints")
+    return None
+
+
+def check_compatible(manifest: dict, current: dict) -> None:
+    diff = incompatibility(manifest["config"], current)
+    if diff:
+        shown = ", ".join(f"{k} ({manifest['config'].get(k)!r} there, {current.get(k)!r} here)"
+                          for k in diff[:5])
+        raise ConfigError(f"run.resume: checkpoint {manifest['folder']} was written with a "
+                          f"different configuration: {shown}"
+                          + (f" and {len(diff) - 5} more" if len(diff) > 5 else ""))
+
+
+def prune(out_dir: Path | str, keep: int) -> None:
+    """Keep the newest `keep` complete checkpoints and the folders their manifests use;
+    remove older ones (0 = keep all)."""
+    if keep <= 0:
+        return
+    folders = checkpoints(out_dir)
+    complete = [f for f in folders if (f / MANIFEST).is_file()]
+    kept = complete[:keep]
+    used = {f.name for f in kept}
+    for f in kept:
+        used |= {rel.split("/")[0] for rel in manifest_of(f).get("client_files", [])}
+    newest = kept[-1].name if kept else ""
+    for f in folders:
+        if f.name not in used and f.name < newest:
+            shutil.rmtree(f, ignore_errors=True)
+

@@ -1,0 +1,262 @@
+"""GFMFR's logic in one home (a strategy in the Flower sense).
+
+Server half: which clients train each round and at which rates, which uploads are
+admitted, how they are averaged, how clients are grouped, how the group-fusion model
+turns content into per-group item embeddings, and the teacher g_k derived from them.
+Client half: the distillation term KL(q || p) with its per-client scale (`distill`),
+which the generic local trainer calls when a round carries a teacher.
+
+The round loop (server.py) calls these methods in order on a `ServerState`; everything
+here is a function of the state, the uploads, the config and seeds.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import algorithms as alg
+from .config import Config
+from .messages import TrainReply, TrainRequest, stack_sorted
+from .models import BACKBONES, Backbone, make_backbone
+
+log = logging.getLogger(__name__)
+SAMPLING = 0x5A  # purpose id of the participant-sampling stream
+
+
+# ---------------------------------------------------------------------- construction
+def make_backbone_from(cfg: Config) -> Backbone:
+    f = cfg.fed
+    kw = {"alpha": f.alpha, "beta": f.beta} if f.backbone == "fedrap" else {}
+    return make_backbone(f.backbone, f.latent_dim, **kw)
+
+
+def learning_rates(cfg: Config) -> dict[str, float]:
+    """fed.lr, fed.lr_item, fed.lr_private_item, each the backbone's rate when empty."""
+    rates = BACKBONES[cfg.fed.backbone].rates
+    return {k: (rates[k] if getattr(cfg.fed, k) is None else getattr(cfg.fed, k)) for k in rates}
+
+
+def sample_participants(users: np.ndarray, cfg: Config, round_: int) -> np.ndarray:
+    f = cfg.fed
+    n = f.clients_per_round or max(1, int(round(f.client_fraction * len(users))))
+    if n >= len(users):
+        return users.copy()
+    rng = np.random.default_rng([cfg.run.seed, round_, SAMPLING])
+    return np.sort(rng.choice(users, size=n, replace=False))
+
+
+# ---------------------------------------------------------------------- client half
+def distill(logits: Tensor, items: Tensor, group: Tensor, teacher: Tensor, ratio: Tensor,
+            weights: Tensor, base: Tensor, round_: int, total_rounds: int,
+            ema_decay: float, max_ratio: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The distillation term of N clients' minibatches.
+
+    logits, items, weights [N, B] (weights 1 for real samples, 0 for padding); group [N]
+    (-1 = no group: no term); teacher [G, I]; ratio [N] the clients' EMA of L_base / KL
+    (NaN = not yet set); base [N] their base losses. Returns (lambda_t * KL [N] to add to
+    the loss, KL [N] for reporting (0 without a group), the updated ratios [N]), with
+    lambda_t = ratio * cos(pi t / 2T) and the ratio capped at max_ratio."""
+    has = group >= 0
+    cnt = weights.sum(1).clamp(min=1)
+    q = teacher[group.clamp(min=0).unsqueeze(1), items].clamp(1e-7, 1.0)
+    p = torch.sigmoid(logits).clamp(1e-7, 1 - 1e-7)
+    q1 = (1 - q).clamp(min=1e-7)
+    kl_el = q * (q.log() - p.log()) + q1 * (q1.log() - (1 - p).log())
+    kl = (kl_el * weights).sum(1) / cnt
+    cur = (base.detach() / kl.detach().clamp(min=1e-8)).clamp(max=max_ratio)
+    new = torch.where(torch.isnan(ratio), cur, ema_decay * ratio + (1 - ema_decay) * cur)
+    ratio = torch.where(has, new, ratio)
+    w = math.cos(math.pi * round_ / (2 * max(total_rounds, 1)))
+    lam = torch.where(has, ratio.nan_to_num(0.0) * w, torch.zeros_like(cur))
+    return lam * kl, torch.where(has, kl.detach(), torch.zeros_like(kl)), ratio
+
+
+# ---------------------------------------------------------------------- server half
+@dataclass
+class Admitted:
+    """The uploads of a round that enter aggregation, and what was turned away."""
+    up: Optional[TrainReply]           # None when nothing was admitted
+    rejected: dict                     # reason -> user ids
+
+
+class GFMFR:
+    """The server's side of GFMFR (or of the bare backbone when gfmfr.enabled is false)."""
+
+    def __init__(self, cfg: Config, features=None, device: torch.device | str = "cpu"):
+        self.cfg, self.features = cfg, features
+        self.device = torch.device(device)
+        self.backbone = make_backbone_from(cfg)
+
+    # -- requests ------------------------------------------------------------------
+    def rates(self, r: int) -> dict[str, float]:
+        f, rates = self.cfg.fed, learning_rates(self.cfg)
+        return {"lr": rates["lr"] * f.lr_decay ** r,
+                "lr_item": rates["lr_item"] * f.lr_item_decay ** r,
+                "lr_private_item": rates["lr_private_item"] * f.lr_item_decay ** r}
+
+    def train_requests(self, state, hosts: dict[int, np.ndarray], participants: np.ndarray,
+                       r: int) -> dict[int, TrainRequest]:
+        """One request per worker hosting participants: the global shared parameters and,
+        for clients that have a group, their group's teacher row."""
+        rates, out = self.rates(r), {}
+        for rank, hosted in hosts.items():
+            users = participants[np.isin(participants, hosted)]
+            if len(users) == 0:
+                continue
+            teacher = rows = None
+            if state.teacher is not None:
+                g = state.group_of_user[users]
+                present = np.unique(g[g >= 0])
+                if len(present):        # clients never grouped yet train without teacher
+                    rows = np.where(g >= 0, np.searchsorted(present, g), -1).astype(np.int64)
+                    teacher = state.teacher[torch.from_numpy(present)]
+            out[rank] = TrainRequest(r, users, state.shared, **rates, teacher=teacher,
+                                     teacher_row=rows)
+        return out
+
+    # -- admission and aggregation -------------------------------------------------
+    def admit(self, state, replies: list[TrainReply], r: int) -> Admitted:
+        """Uploads that may be averaged: right shapes and dtypes, finite, and (with
+        fed.max_update_norm) an update norm within that many times the round's median.
+        Every rejected client is counted and named in the log."""
+        rejected: dict[str, list[int]] = {}
+        ok = []
+        for rep in replies:
+            bad = [k for k, v in state.shared.items()
+                   if k not in rep.shared or rep.shared[k].dtype != v.dtype
+                   or tuple(rep.shared[k].shape) != (len(rep.users), *v.shape)]
+            if bad or set(rep.shared) != set(state.shared):
+                rejected.setdefault("shape_or_dtype", []).extend(rep.users.tolist())
+            elif len(rep.users):
+                ok.append(rep)
+        if not ok:
+            return Admitted(None, _logged(rejected, r))
+        up = stack_sorted(ok)
+        n = len(up.users)
+        delta = torch.zeros(n, dtype=torch.float64)
+        finite = torch.ones(n, dtype=torch.bool)
+        for k, v in up.shared.items():
+            flat = v.reshape(n, -1)
+            finite &= torch.isfinite(flat).all(1)
+            delta += (flat - state.shared[k].reshape(1, -1)).double().pow(2).nan_to_num(
+                posinf=0.0).sum(1)
+        keep = finite.clone()
+        if not finite.all():
+            rejected.setdefault("nonfinite", []).extend(up.users[~finite.numpy()].tolist())
+        m = self.cfg.fed.max_update_norm
+        if m and finite.any():
+            norm = delta.sqrt()
+            limit = m * float(norm[finite].median())
+            big = finite & (norm > limit)
+            if big.any():
+                rejected.setdefault("update_norm", []).extend(up.users[big.numpy()].tolist())
+                keep &= ~big
+        if not keep.any():
+            return Admitted(None, _logged(rejected, r))
+        if not keep.all():
+            up = _select(up, keep.numpy())
+        return Admitted(up, _logged(rejected, r))
+
+    def aggregate(self, state, up: TrainReply) -> None:
+        weights = (torch.from_numpy(up.n_samples).double()
+                   if self.cfg.fed.aggregation == "samples" else None)
+        state.shared = alg.mean_aggregate(up.shared, weights)
+
+    # -- grouping, fusion, teacher -------------------------------------------------
+    def group_fuse_teach(self, state, up: TrainReply, r: int, t: dict) -> dict:
+        g, bb = self.cfg.gfmfr, self.backbone
+        tic = time.perf_counter()
+        head = torch.cat([up.shared[n].reshape(len(up.users), -1) for n in bb.head], 1)
+        labels = alg.group_clients(head.double().numpy(), g.groups, g.clustering,
+                                   g.pca or None, seed=self.cfg.run.seed * 1000 + r)
+        labels = alg.align_groups(state.prev_users, state.prev_labels, up.users, labels,
+                                  g.groups)
+        state.prev_users, state.prev_labels = up.users, labels
+        state.group_of_user[up.users] = labels
+        targets, info = alg.group_targets(up.shared[bb.item_table], labels, g.groups,
+                                          g.min_group_size, g.outlier_factor)
+        t["group"] = time.perf_counter() - tic
+
+        tic = time.perf_counter()
+        fz, opt = self.fusion_model(state)
+        fx, dev = self.features, self.device
+        text, image = fx.text.to(dev), fx.image.to(dev)
+        masks = (fx.text_mask.to(dev), fx.image_mask.to(dev))
+        res = alg.train_fusion(fz, opt, text, image, targets.to(dev),
+                               info["group_ok"].to(dev), g.fusion_epochs,
+                               g.fusion_time_budget_s or None, g.fusion_batch_size,
+                               seed=self.cfg.run.seed * 1000 + r,
+                               text_mask=masks[0], image_mask=masks[1])
+        fused = alg.fused_items(fz, text, image, masks,
+                                torch.arange(g.groups, device=dev)).to("cpu")
+        state.teacher = self.teacher(state, fused, up, labels)
+        t["fusion"] = time.perf_counter() - tic
+        sizes = np.bincount(labels, minlength=g.groups)
+        warning = alg.lopsided_groups(sizes)
+        if warning and not state.warned_lopsided:
+            state.warned_lopsided = True     # once per run; every round's sizes are logged
+            log.warning("round %d: %s; gfmfr.clustering=%s%s", r, warning, g.clustering,
+                        " (kmeans gives balanced groups)" if g.clustering == "spectral" else "")
+        return {"group_sizes": sizes.tolist(),
+                "fallback_groups": list(map(int, info["fallback"])),
+                "excluded_uploads": int(info["n_excluded_nonfinite"] + info["n_excluded_outlier"]),
+                "fusion_loss": float(res["losses"][-1]) if res["losses"] else None,
+                "fusion_epochs": int(res["epochs_run"])}
+
+    def teacher(self, state, fused: Tensor, up: TrainReply, labels: np.ndarray) -> Tensor:
+        """g_k over all items from the fused embeddings and the group's averaged head."""
+        logits = self.group_logits(state, fused, up, labels, self.cfg.gfmfr.teacher)
+        return torch.sigmoid(logits).clamp(1e-7, 1 - 1e-7)
+
+    def group_logits(self, state, E: Tensor, up: TrainReply, labels: np.ndarray,
+                     kind: str) -> Tensor:
+        """Each group's preference logits [G, I] over item embeddings E [G, I, d], scored
+        with the group's averaged uploads: kind "output" (the output layer alone, the
+        paper's formula) or "head" (the whole shared scoring head, no user part)."""
+        g, bb = self.cfg.gfmfr, self.backbone
+        names = bb.output if kind == "output" else bb.head
+        head = {n: _group_means(up.shared[n], labels, g.groups, state.shared[n])
+                for n in names}
+        if kind == "output":
+            w, b = (head[n] for n in bb.output)
+            return alg.teacher_logits(E, w, b.reshape(-1))
+        return bb.group_logits(E, head)
+
+    def fusion_model(self, state):
+        """The persistent group-fusion model and its optimiser (built at first use)."""
+        if state.fusion is None:
+            g, fx = self.cfg.gfmfr, self.features
+            torch.manual_seed(self.cfg.run.seed)
+            state.fusion = alg.GroupFusion(g.groups, fx.text.shape[1], fx.image.shape[1],
+                                           self.cfg.fed.latent_dim,
+                                           fusion=g.fusion).to(self.device)
+            state.fusion_opt = alg.make_fusion_optimizer(state.fusion, g.fusion_lr)
+        return state.fusion, state.fusion_opt
+
+
+def _group_means(values: Tensor, labels: np.ndarray, n_groups: int, fallback: Tensor) -> Tensor:
+    """Mean of `values` [N, ...] per group -> [G, ...]; empty groups take `fallback`."""
+    lab = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+    return torch.stack([values[lab == k].mean(0) if (lab == k).any() else fallback
+                        for k in range(n_groups)])
+
+
+def _select(up: TrainReply, keep: np.ndarray) -> TrainReply:
+    k = torch.from_numpy(keep)
+    return TrainReply(up.round, up.users[keep], {n: v[k] for n, v in up.shared.items()},
+                      up.n_samples[keep], up.loss[k], up.kl[k], up.seconds)
+
+
+def _logged(rejected: dict, round_: int) -> dict:
+    for reason, users in rejected.items():
+        shown = ", ".join(map(str, users[:10])) + (" ..." if len(users) > 10 else "")
+        log.warning("round %d: %d upload(s) rejected (%s): clients %s", round_, len(users),
+                    reason, shown)
+    return rejected
