@@ -7,6 +7,8 @@ from .base import Transport, WorkerError
 
 
 class LocalTransport(Transport):
+    name = "local"
+
     def __init__(self, workers: dict[int, Any]):
         super().__init__()
         self.workers = workers
