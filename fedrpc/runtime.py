@@ -1,18 +1,21 @@
 """Starting a federation: ranks, roles, the server's features, the workers, a transport.
 
 `run(cfg)` runs the whole federation. With `fed.transport: local` the server and its
-workers live in this process. With `fed.transport: rpc` a launcher (torchrun, srun,
-mpiexec) starts one process per rank; `RankInfo.from_env()` reads which one this is:
-rank 0 is the server, ranks 1..W-1 are workers. Each process calls `run_rpc(cfg)`:
+workers live in this process. Otherwise a launcher (torchrun, srun, mpiexec) starts one
+process per rank; `RankInfo.from_env()` reads which one this is: rank 0 is the server,
+ranks 1..W-1 are workers. Each process then runs `run_ranks(cfg, info)`:
 
-    init RPC (bounded by runtime.startup_timeout_s)
-    server: Server over RpcTransport -> features (rank 0 only) -> rounds -> Shutdown -> exit
-    worker: Worker(shard of users) -> answer requests until Shutdown -> exit
+    transport = the one fed.transport names; transport.start()  (bounded)
+    server: Server over the transport -> features (rank 0 only) -> rounds -> close -> stop
+    worker: Worker(shard of users) -> transport.serve(worker) until Shutdown -> stop
+
+Nothing here is transport-specific: each transport owns its start-up, its worker side
+and its shutdown (fedrpc/transport).
 
 Failures: a worker that raises, dies or does not answer within runtime.round_timeout_s
-stops the run; the server tells the other workers to stop (Abort), every rank shuts RPC
-down non-gracefully with a bounded wait and exits non-zero, and the message names the
-rank that failed. A worker whose server disappears notices it by its heartbeat.
+stops the run; the server tells the other workers to stop (Abort), every rank leaves
+the transport non-gracefully with a bounded wait and exits non-zero, and the message names
+the rank that failed. A worker whose server disappears notices it by its heartbeat.
 """
 from __future__ import annotations
 
@@ -21,12 +24,8 @@ import logging
 import os
 import re
 import signal
-import sys
 import threading
-import time
-import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Mapping, NoReturn, Optional
 
 import numpy as np
@@ -38,15 +37,11 @@ from .data.types import DataError
 from .reporting import RunDir
 from .server import ContentFeatures, RoundFailed, Server, StopSignals, Stopped, run_rounds
 from .state import find_checkpoint
-from .transport import LocalTransport, WorkerError
+from .transport import LocalTransport, RunError, Transport, WorkerError, rank_name
 from .worker import Worker
 
 log = logging.getLogger(__name__)
-SHUTDOWN_WAIT_S = 5.0        # bound on a non-graceful RPC shutdown before a hard exit
-
-
-class RunError(RuntimeError):
-    """A rank of the federation failed; the message names it. (Exit code 1.)"""
+__all__ = ["RankInfo", "RunError", "run", "run_local", "run_ranks"]
 
 
 # ---------------------------------------------------------------------- ranks
@@ -66,8 +61,8 @@ class RankInfo:
 
     @property
     def name(self) -> str:
-        """The RPC name of this rank: "server" or "worker<rank>"."""
-        return "server" if self.rank == 0 else f"worker{self.rank}"
+        """"server" or "worker<rank>" (fedrpc.transport.rank_name)."""
+        return rank_name(self.rank)
 
     @property
     def init_method(self) -> str:
@@ -261,38 +256,31 @@ def run_local(cfg: Config) -> dict:
         run_dir.close()
 
 
-# ---------------------------------------------------------------------- rpc run
-def run_rpc(cfg: Config, info: Optional[RankInfo] = None) -> Optional[dict]:
-    """This process's part of an RPC federation: the summary on the server, None on workers."""
+# ---------------------------------------------------------------------- ranks run
+def make_transport(cfg: Config, info: RankInfo) -> Transport:
+    """The transport fed.transport names, for this rank."""
+    rt = cfg.runtime
+    if cfg.fed.transport == "rpc":
+        from .transport.rpc import RpcTransport
+        return RpcTransport(info.rank, info.world_size, info.init_method,
+                            rt.startup_timeout_s, rt.round_timeout_s)
+    raise ConfigError(f"fed.transport: {cfg.fed.transport!r} does not run as separate ranks")
+
+
+def run_ranks(cfg: Config, info: Optional[RankInfo] = None) -> Optional[dict]:
+    """This process's part of a federation: the summary on the server, None on workers."""
     info = info or rank_info_for_rpc()
     _tag_logs(info)
     device = rank_device(cfg.run.device, info.local_rank, info.rank)
     log.debug("%s: rank %d of %d (%s), local rank %d, master %s, device %s (tensors cross "
               "between ranks on the CPU)", info.name, info.rank, info.world_size,
               info.launcher, info.local_rank, info.init_method, device)
-    startup_s = _init_rpc(info, cfg)
+    transport = make_transport(cfg, info)
+    startup_s = transport.start()
     if info.rank == 0:
-        return _run_server(cfg, info, startup_s)
-    _run_worker(cfg, info)
+        return _run_server(cfg, info, transport, startup_s, device)
+    _run_worker(cfg, info, transport, device)
     return None
-
-
-def tensorpipe_transports(env: Optional[Mapping[str, str]] = None) -> list[str]:
-    """TensorPipe transports, in order of preference: "uv" (TCP) by default.
-
-    TensorPipe's default prefers "shm" between ranks on one host, whose reactor thread
-    busy-polls: measured here, every idle rank then burns CPU and ~270k context switches
-    per second, stealing cores from training. Over "uv" an idle rank uses no CPU; tensor
-    data between ranks on one host still goes through the "cma" channel (a direct copy
-    between the processes), so bulk transfers keep their speed. FEDRPC_TP_TRANSPORTS
-    (e.g. "shm,uv") overrides the choice."""
-    env = os.environ if env is None else env
-    names = [t.strip() for t in env.get("FEDRPC_TP_TRANSPORTS", "uv").split(",") if t.strip()]
-    bad = sorted(set(names) - {"uv", "shm", "ibv"})
-    if not names or bad:
-        raise ConfigError(f"FEDRPC_TP_TRANSPORTS={env.get('FEDRPC_TP_TRANSPORTS')!r}: "
-                          f"expected a comma list of uv, shm, ibv")
-    return names
 
 
 def _tag_logs(info: RankInfo) -> None:
@@ -307,69 +295,37 @@ def _tag_logs(info: RankInfo) -> None:
         logging.getLogger("fedrpc").setLevel(logging.WARNING)
 
 
-def _init_rpc(info: RankInfo, cfg: Config) -> float:
-    """init_rpc bounded by runtime.startup_timeout_s; afterwards RPCs default to the round
-    timeout (every call of the transport also passes its own)."""
-    from torch.distributed import rpc
-
-    rt = cfg.runtime
-    opts = rpc.TensorPipeRpcBackendOptions(init_method=info.init_method, num_worker_threads=8,
-                                           rpc_timeout=rt.startup_timeout_s,
-                                           _transports=tensorpipe_transports())
-    # torch's rendezvous waits up to 30 min for missing ranks: bound it ourselves
-    watchdog = threading.Timer(rt.startup_timeout_s, _hard_exit, args=(
-        1, f"{info.name} (rank {info.rank}): RPC start-up did not complete within "
-           f"runtime.startup_timeout_s={rt.startup_timeout_s:g} s: not all {info.world_size} "
-           f"ranks joined at {info.init_method}"))
-    watchdog.daemon = True
-    watchdog.start()
-    t0 = time.perf_counter()
-    try:
-        with warnings.catch_warnings():   # torch's own use of a deprecated gloo API
-            warnings.filterwarnings("ignore", message="You are using a Backend")
-            rpc.init_rpc(info.name, rank=info.rank, world_size=info.world_size,
-                         rpc_backend_options=opts)
-    except Exception as e:
-        raise RunError(f"{info.name} (rank {info.rank}): RPC start-up at {info.init_method} "
-                       f"failed: {type(e).__name__}: {e}") from e
-    finally:
-        watchdog.cancel()
-    rpc._set_rpc_timeout(rt.round_timeout_s)
-    return time.perf_counter() - t0
-
-
-def _run_server(cfg: Config, info: RankInfo, startup_s: float) -> dict:
-    from .transport.rpc import RpcTransport
-
-    transport = RpcTransport(info.world_size, control_timeout_s=cfg.runtime.startup_timeout_s)
+def _run_server(cfg: Config, info: RankInfo, transport: Transport, startup_s: float,
+                device: torch.device) -> dict:
     if cfg.fed.workers != 1:
-        log.info("fed.workers=%d applies to the local transport; over rpc the %d worker "
-                 "ranks host the clients", cfg.fed.workers, info.world_size - 1)
+        log.info("fed.workers=%d applies to the local transport; over %s the %d worker "
+                 "ranks host the clients", cfg.fed.workers, transport.name,
+                 info.world_size - 1)
     run_dir = None
     try:
         run_dir, manifest = open_run(cfg)
-        server = Server(cfg, transport, None,           # Hello: which users live where
-                        rank_device(cfg.run.device, info.local_rank, info.rank))
+        server = Server(cfg, transport, None, device)  # Hello: which users live where
         summary = serve_rounds(cfg, server, run_dir, manifest)
         transport.close(graceful=True)                 # Shutdown to every worker
         summary["runtime"] = _runtime_record(info, startup_s, transport)
         run_dir.write_summary(summary)
     except Stopped:                                    # checkpointed: a clean shutdown
         transport.close(graceful=True)
-        _shutdown_rpc(graceful=True, timeout=cfg.runtime.startup_timeout_s)
+        transport.stop(graceful=True)
         raise
     except BaseException as e:
         _fail_server(transport, e)
     finally:
         if run_dir is not None:
             run_dir.close()
-    if not _shutdown_rpc(graceful=True, timeout=cfg.runtime.startup_timeout_s):
-        log.warning("RPC shutdown was not clean; the run itself completed")
+    if not transport.stop(graceful=True):
+        log.warning("%s shutdown was not clean; the run itself completed", transport.name)
     return summary
 
 
-def _fail_server(transport, e: BaseException) -> NoReturn:
-    """Abort the workers, shut RPC down without waiting for peers, raise the named error."""
+def _fail_server(transport: Transport, e: BaseException) -> NoReturn:
+    """Abort the workers, leave the transport without waiting for peers, raise the named
+    error (or end the process with it when the transport cannot be left cleanly)."""
     if isinstance(e, (WorkerError, RoundFailed)):
         msg = str(e)
     else:
@@ -377,8 +333,8 @@ def _fail_server(transport, e: BaseException) -> NoReturn:
         if not isinstance(e, (ConfigError, DataError, KeyboardInterrupt)):
             log.error("the server failed", exc_info=e)
     transport.close(graceful=False, reason=msg)
-    if not _shutdown_rpc(graceful=False, timeout=SHUTDOWN_WAIT_S):
-        _hard_exit(1, msg)
+    if not transport.stop(graceful=False):
+        transport.abort(1, msg)
     if isinstance(e, (ConfigError, DataError, KeyboardInterrupt)):
         raise e
     raise RunError(msg) from e
@@ -397,82 +353,34 @@ def _ignore_stop_signals(info: RankInfo) -> None:
                 signal.signal(getattr(signal, name), note)
 
 
-def _run_worker(cfg: Config, info: RankInfo) -> None:
-    from .transport import rpc as endpoint
-
+def _run_worker(cfg: Config, info: RankInfo, transport: Transport,
+                device: torch.device) -> None:
     _ignore_stop_signals(info)
-
     try:
-        worker = Worker(cfg, info.rank, info.world_size - 1,   # interactions only, its shard
-                        device=rank_device(cfg.run.device, info.local_rank, info.rank))
+        worker = Worker(cfg, info.rank, info.world_size - 1, device=device)  # its shard only
     except Exception as e:                                     # the server's Hello reports it
         log.error("worker rank %d could not start: %s: %s", info.rank, type(e).__name__, e)
-        endpoint.serve_error(e)
+        ok, reason = transport.serve(None, error=e)
     else:
-        endpoint.serve(worker, cfg.runtime.startup_timeout_s)
-    try:
-        ok, reason = endpoint.wait_until_stopped(
-            ping_timeout_s=min(60.0, cfg.runtime.round_timeout_s))
-    except KeyboardInterrupt:
-        ok, reason = False, "interrupted"
+        ok, reason = transport.serve(worker)
     if ok:
-        if not _shutdown_rpc(graceful=True, timeout=cfg.runtime.startup_timeout_s):
-            log.warning("worker rank %d: RPC shutdown was not clean", info.rank)
+        if not transport.stop(graceful=True):
+            log.warning("worker rank %d: %s shutdown was not clean", info.rank, transport.name)
         return
     msg = f"worker rank {info.rank}: {reason}"
-    if not _shutdown_rpc(graceful=False, timeout=SHUTDOWN_WAIT_S):
-        _hard_exit(1, msg)
+    if not transport.stop(graceful=False):
+        transport.abort(1, msg)
     raise RunError(msg)
 
 
-def _runtime_record(info: RankInfo, startup_s: float, transport) -> dict:
+def _runtime_record(info: RankInfo, startup_s: float, transport: Transport) -> dict:
     control = [r for r in transport.ledger.records if r.round < 0]
-    return {"transport": "rpc", "launcher": info.launcher, "world_size": info.world_size,
-            "workers": info.world_size - 1, "tensorpipe_transports": tensorpipe_transports(),
+    return {**transport.describe(), "launcher": info.launcher,
+            "world_size": info.world_size, "workers": info.world_size - 1,
             "startup_seconds": round(startup_s, 3),
             "control_messages": {"count": len(control),
                                  "payload": sum(r.payload for r in control),
                                  "wire": sum(r.wire or 0 for r in control)}}
-
-
-def _shutdown_rpc(graceful: bool, timeout: float) -> bool:
-    """rpc.shutdown with a bound: True when it finished cleanly within timeout (+5 s)."""
-    from torch.distributed import rpc
-
-    box: dict = {}
-
-    def target():
-        try:
-            if graceful:
-                rpc.shutdown(graceful=True, timeout=timeout)
-            else:
-                rpc.shutdown(graceful=False)
-        except Exception as e:  # e.g. a peer that died after the last round
-            box["error"] = e
-
-    th = threading.Thread(target=target, name="rpc-shutdown", daemon=True)
-    th.start()
-    th.join(timeout + 5.0)
-    if th.is_alive():
-        log.warning("RPC shutdown (graceful=%s) did not finish within %.0f s", graceful,
-                    timeout + 5.0)
-        return False
-    if "error" in box:
-        log.warning("RPC shutdown (graceful=%s): %s", graceful, box["error"])
-        return False
-    return True
-
-
-def _hard_exit(code: int, message: str) -> NoReturn:
-    """Last resort when RPC cannot be shut down in bounded time: say why, then exit."""
-    print(f"fedrpc: error: {message}", file=sys.stderr, flush=True)
-    for h in logging.getLogger().handlers:
-        try:
-            h.flush()
-        except Exception:
-            pass
-    sys.stdout.flush()
-    os._exit(code)
 
 
 # ---------------------------------------------------------------------- dispatch
@@ -485,5 +393,5 @@ def run(cfg: Config) -> Optional[dict]:
                               f"(each would run the whole federation): add fed.transport=rpc")
         return run_local(cfg)
     if cfg.fed.transport == "rpc":
-        return run_rpc(cfg)
+        return run_ranks(cfg)
     raise ConfigError(f"fed.transport: {cfg.fed.transport!r} is not supported by this runtime")

@@ -23,9 +23,9 @@ import torch
 
 from fedrpc.config import ConfigError, load_config
 from fedrpc.messages import TrainReply, TrainRequest
-from fedrpc.runtime import (RankInfo, first_slurm_host, rank_info_for_rpc, run_local,
-                            tensorpipe_transports)
-from fedrpc.transport.rpc import _as_sent, _storage_bytes, _TensorTablePickle, wire_bytes
+from fedrpc.runtime import RankInfo, first_slurm_host, rank_info_for_rpc, run_local
+from fedrpc.transport.rpc import (_as_sent, _storage_bytes, _TensorTablePickle,
+                                  tensorpipe_transports, wire_bytes)
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["data.synthetic.users=30", "data.synthetic.items=50",

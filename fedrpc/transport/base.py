@@ -1,18 +1,39 @@
 """The transport interface and the byte ledger: every message is counted here, once.
 
 A transport moves one request to each worker and brings back one reply per worker.
+Each process of a federation holds one transport, which owns its own lifecycle:
+
+    t.start()                    join the other ranks (bounded); start-up seconds
+    server (rank 0):  t.exchange(...) for every phase, then t.close(graceful, reason):
+                      Shutdown to every worker, or Abort(reason) on an error path
+    worker (ranks >= 1): t.serve(worker) answers the server until Shutdown or Abort
+    t.stop(graceful)             leave the federation (bounded); False when it was not clean
+    t.abort(code, message)       last resort after an unclean stop: say why, end the process
+
 `exchange` records, for each message: round, kind, direction, the rank pair, payload
 bytes (tensors and arrays), wire bytes (the serialised size, where the transport
 measures it) and the per-client logical bytes the message stands for.
 """
 from __future__ import annotations
 
+import logging
+import os
+import sys
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
 import numpy as np
+
+
+def rank_name(rank: int) -> str:
+    """The name of a rank in logs, errors and transports: "server" or "worker<rank>"."""
+    return "server" if rank == 0 else f"worker{rank}"
+
+
+class RunError(RuntimeError):
+    """A rank of the federation failed; the message names it. (Exit code 1.)"""
 
 
 class WorkerError(RuntimeError):
@@ -73,10 +94,42 @@ def _client_bytes(msg) -> Optional[np.ndarray]:
 class Transport(ABC):
     """Moves messages between the server (rank 0) and the worker ranks."""
 
+    name = "transport"
     can_rejoin = True    # a worker that failed a request can still answer the next one
 
     def __init__(self) -> None:
         self.ledger = ByteLedger()
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> float:
+        """Join the federation; the seconds it took."""
+        return 0.0
+
+    def serve(self, worker: Any = None, error: Optional[BaseException] = None
+              ) -> tuple[bool, str]:
+        """Worker side: answer the server's requests with `worker` (or with `error`, when
+        building the worker failed) until the server ends the run. (True, "") after
+        Shutdown; (False, why) after Abort or when the server is lost."""
+        raise NotImplementedError(f"the {self.name} transport has no worker side")
+
+    def stop(self, graceful: bool = True) -> bool:
+        """Leave the federation; True when it ended cleanly within its bound."""
+        return True
+
+    def abort(self, code: int, message: str) -> NoReturn:
+        """Last resort when `stop` could not end cleanly: say why, end this process."""
+        print(f"fedrpc: error: {message}", file=sys.stderr, flush=True)
+        for h in logging.getLogger().handlers:
+            try:
+                h.flush()
+            except Exception:
+                pass
+        sys.stdout.flush()
+        os._exit(code)
+
+    def describe(self) -> dict:
+        """What the run summary records about this transport."""
+        return {"transport": self.name}
 
     @property
     @abstractmethod
@@ -113,8 +166,9 @@ class Transport(ABC):
             replies[rank] = reply
         return replies
 
-    def close(self, graceful: bool = True) -> None:
-        """Release the transport (workers stop)."""
+    def close(self, graceful: bool = True, reason: str = "") -> None:
+        """Server side: end the workers' part; graceful: Shutdown to each and wait for its
+        acknowledgement; otherwise Abort(reason) to each, with a bounded wait."""
 
 
 def _payload(msg) -> int:

@@ -8,6 +8,7 @@ from .base import Transport, WorkerError
 
 class LocalTransport(Transport):
     name = "local"
+
     def __init__(self, workers: dict[int, Any]):
         super().__init__()
         self.workers = workers

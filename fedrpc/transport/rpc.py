@@ -1,14 +1,19 @@
 """torch.distributed.rpc (TensorPipe) transport: the server's side and the workers' side.
 
-Server (rank 0): `RpcTransport` sends one request to every worker at once with
+`RpcTransport` is both sides. `start()` runs `rpc.init_rpc` (bounded by
+runtime.startup_timeout_s: torch's own rendezvous would wait 30 minutes for a missing
+rank); `stop()` runs `rpc.shutdown` with a bound (non-graceful on error paths: a graceful
+shutdown hangs when a peer died).
+
+Server (rank 0): `exchange` sends one request to every worker at once with
 `rpc.rpc_async("worker<rank>", _handle, ...)`, waits for all of them, and turns a remote
 exception, a timeout or a lost connection into `WorkerError(rank, ...)` as soon as the
 first one happens (it does not wait for the slow workers of a failed round).
 
-Worker (ranks >= 1): `serve(worker)` puts the rank's `Worker` into the module-level slot
-that `_handle` (the function the server calls remotely) reads; `wait_until_stopped`
-blocks until the server sends `Shutdown` (or `Abort`), and meanwhile pings the server so
-that a worker whose server died stops on its own.
+Worker (ranks >= 1): `serve(worker)` makes this transport the one `_handle` (the function
+the server calls remotely, which must live at module level) answers with, then blocks
+until the server sends `Shutdown` (or `Abort`), meanwhile pinging the server so that a
+worker whose server died stops on its own.
 
 Wire bytes. `wire_bytes(obj)` is the size of the TensorPipe message torch RPC builds for
 `obj`, computed the way torch serialises it (torch/csrc/distributed/rpc):
@@ -28,29 +33,46 @@ that send their whole storage.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
 import traceback
+import warnings
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 import torch.distributed.rpc as rpc
 from torch.distributed.rpc.internal import PythonUDF, _internal_rpc_pickler
 
+from ..config import ConfigError
 from ..messages import Shutdown
-from .base import Transport, WorkerError
+from .base import RunError, Transport, WorkerError, rank_name
 
 log = logging.getLogger(__name__)
 
-SERVER = "server"
 ABORT_TIMEOUT_S = 5.0        # how long an aborting server waits for workers to take note
 HEARTBEAT_S = 2.0            # how often an idle worker checks that its server is alive
+SHUTDOWN_WAIT_S = 5.0        # bound on a non-graceful RPC shutdown
 
 
-def worker_name(rank: int) -> str:
-    return f"worker{rank}"
+def tensorpipe_transports(env: Optional[Mapping[str, str]] = None) -> list[str]:
+    """TensorPipe transports, in order of preference: "uv" (TCP) by default.
+
+    TensorPipe's default prefers "shm" between ranks on one host, whose reactor thread
+    busy-polls: measured here, every idle rank then burns CPU and ~270k context switches
+    per second, stealing cores from training. Over "uv" an idle rank uses no CPU; tensor
+    data between ranks on one host still goes through the "cma" channel (a direct copy
+    between the processes), so bulk transfers keep their speed. FEDRPC_TP_TRANSPORTS
+    (e.g. "shm,uv") overrides the choice."""
+    env = os.environ if env is None else env
+    names = [t.strip() for t in env.get("FEDRPC_TP_TRANSPORTS", "uv").split(",") if t.strip()]
+    bad = sorted(set(names) - {"uv", "shm", "ibv"})
+    if not names or bad:
+        raise ConfigError(f"FEDRPC_TP_TRANSPORTS={env.get('FEDRPC_TP_TRANSPORTS')!r}: "
+                          f"expected a comma list of uv, shm, ibv")
+    return names
 
 
 # ---------------------------------------------------------------------- control messages
@@ -192,30 +214,105 @@ class _TensorTablePickle:
         self._put()
 
 
-# ---------------------------------------------------------------------- server side
+# ---------------------------------------------------------------------- the transport
 class RpcTransport(Transport):
-    """The server's transport: one RPC per worker per exchange, all in flight at once."""
+    """One per rank. Server: one RPC per worker per exchange, all in flight at once.
+    Worker: answers `_handle` calls with its `Worker` until Shutdown or Abort."""
+
     name = "rpc"
     can_rejoin = False   # a rank that died cannot join a running RPC group again
 
-    def __init__(self, world_size: int, control_timeout_s: float = 60.0):
+    def __init__(self, rank: int, world_size: int, init_method: str,
+                 startup_timeout_s: float = 60.0, round_timeout_s: float = 600.0):
         super().__init__()
         if world_size < 2:
             raise ValueError("RpcTransport needs at least one worker rank (world size >= 2)")
+        self.rank, self.world_size, self.init_method = rank, world_size, init_method
+        self.control_timeout_s = startup_timeout_s
+        self.round_timeout_s = round_timeout_s
         self._ranks = list(range(1, world_size))
-        self.control_timeout_s = control_timeout_s
         self._where, self._kind = "", ""
         self._closed = False
+        # worker side: what `_handle` answers with
+        self.worker = None
+        self.error: Optional[BaseException] = None
+        self.ready = threading.Event()
+        self.stopped = threading.Event()
+        self.ok, self.reason = True, ""
+        self.failed = False            # a handler raised here
 
     @property
     def worker_ranks(self) -> list[int]:
         return list(self._ranks)
 
+    def describe(self) -> dict:
+        return {"transport": self.name, "tensorpipe_transports": tensorpipe_transports()}
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> float:
+        """init_rpc bounded by the start-up timeout; afterwards RPCs default to the round
+        timeout (every call of the transport also passes its own)."""
+        global _SERVING
+        if self.rank > 0:
+            _SERVING = self            # before init_rpc: requests may come at once
+        me = f"{rank_name(self.rank)} (rank {self.rank})"
+        opts = rpc.TensorPipeRpcBackendOptions(init_method=self.init_method,
+                                               num_worker_threads=8,
+                                               rpc_timeout=self.control_timeout_s,
+                                               _transports=tensorpipe_transports())
+        # torch's rendezvous waits up to 30 min for missing ranks: bound it ourselves
+        watchdog = threading.Timer(self.control_timeout_s, self.abort, args=(
+            1, f"{me}: RPC start-up did not complete within runtime.startup_timeout_s="
+               f"{self.control_timeout_s:g} s: not all {self.world_size} ranks joined at "
+               f"{self.init_method}"))
+        watchdog.daemon = True
+        watchdog.start()
+        t0 = time.perf_counter()
+        try:
+            with warnings.catch_warnings():   # torch's own use of a deprecated gloo API
+                warnings.filterwarnings("ignore", message="You are using a Backend")
+                rpc.init_rpc(rank_name(self.rank), rank=self.rank, world_size=self.world_size,
+                             rpc_backend_options=opts)
+        except Exception as e:
+            raise RunError(f"{me}: RPC start-up at {self.init_method} failed: "
+                           f"{type(e).__name__}: {e}") from e
+        finally:
+            watchdog.cancel()
+        rpc._set_rpc_timeout(self.round_timeout_s)
+        return time.perf_counter() - t0
+
+    def stop(self, graceful: bool = True) -> bool:
+        """rpc.shutdown with a bound: True when it finished cleanly within it."""
+        timeout = self.control_timeout_s if graceful else SHUTDOWN_WAIT_S
+        box: dict = {}
+
+        def target():
+            try:
+                if graceful:
+                    rpc.shutdown(graceful=True, timeout=timeout)
+                else:
+                    rpc.shutdown(graceful=False)
+            except Exception as e:  # e.g. a peer that died after the last round
+                box["error"] = e
+
+        th = threading.Thread(target=target, name="rpc-shutdown", daemon=True)
+        th.start()
+        th.join(timeout + 5.0)
+        if th.is_alive():
+            log.warning("RPC shutdown (graceful=%s) did not finish within %.0f s", graceful,
+                        timeout + 5.0)
+            return False
+        if "error" in box:
+            log.warning("RPC shutdown (graceful=%s): %s", graceful, box["error"])
+            return False
+        return True
+
+    # ------------------------------------------------------------------ server side
     def exchange(self, round_: int, kind: str, requests: dict[int, Any],
-                 timeout: float) -> dict[int, Any]:
+                 timeout: float, failures: Optional[dict] = None) -> dict[int, Any]:
         self._where = f"round {round_}, {kind}" if round_ >= 0 else kind
         self._kind = kind
-        return super().exchange(round_, kind, requests, timeout)
+        return super().exchange(round_, kind, requests, timeout, failures)
 
     def _send_all(self, requests, timeout, tolerate=False):
         done: queue.SimpleQueue = queue.SimpleQueue()
@@ -230,7 +327,7 @@ class RpcTransport(Transport):
         for rank in sorted(requests):
             down[rank] = wire_bytes(requests[rank], call=True)
             try:
-                fut = rpc.rpc_async(worker_name(rank), _handle, args=(requests[rank],),
+                fut = rpc.rpc_async(rank_name(rank), _handle, args=(requests[rank],),
                                     timeout=timeout)
             except Exception as e:
                 failed(rank, WorkerError(rank, f"cannot send ({_first_line(e)}) ({self._where})"), e)
@@ -283,7 +380,7 @@ class RpcTransport(Transport):
         futures = []
         for r in self._ranks:
             try:
-                futures.append(rpc.rpc_async(worker_name(r), _handle, args=(Abort(reason),),
+                futures.append(rpc.rpc_async(rank_name(r), _handle, args=(Abort(reason),),
                                              timeout=ABORT_TIMEOUT_S))
             except Exception:       # a dead rank: nothing to tell it
                 pass
@@ -293,6 +390,61 @@ class RpcTransport(Transport):
             except Exception:
                 pass
 
+    # ------------------------------------------------------------------ worker side
+    def serve(self, worker=None, error: Optional[BaseException] = None) -> tuple[bool, str]:
+        """Answer the server's requests with `worker` (or report `error` to each) until
+        Shutdown (-> (True, "")) or Abort, or until the server stops answering pings
+        (-> (False, why)). The pings are builtin ops: they need no Python on the server."""
+        self.worker, self.error = worker, error
+        self.ready.set()
+        ping_timeout_s = min(60.0, self.round_timeout_s)
+        ping = None
+        try:
+            while not self.stopped.wait(HEARTBEAT_S):
+                if ping is not None and ping.done():
+                    try:
+                        ping.wait()
+                    except Exception as e:
+                        if self.stopped.is_set():
+                            break
+                        self._stop(False, f"lost the server (rank 0): {_first_line(e)}")
+                        break
+                    ping = None
+                if ping is None:
+                    try:
+                        ping = rpc.rpc_async(rank_name(0), torch.add, args=(torch.zeros(1), 1),
+                                             timeout=ping_timeout_s)
+                    except Exception as e:
+                        self._stop(False, f"lost the server (rank 0): {_first_line(e)}")
+        except KeyboardInterrupt:
+            self._stop(False, "interrupted")
+        return self.ok, self.reason
+
+    def _stop(self, ok: bool, reason: str = "") -> None:
+        if not self.stopped.is_set():
+            self.ok, self.reason = ok, reason
+            self.stopped.set()
+
+    def _answer(self, msg):
+        if isinstance(msg, Abort):
+            self._stop(False, ("failed (traceback above); " if self.failed else "")
+                       + f"the server stopped the run: {msg.reason}")
+            return None
+        if not self.ready.wait(self.control_timeout_s):
+            return RemoteFailure("RuntimeError", "the worker was not ready within "
+                                                 "runtime.startup_timeout_s")
+        if self.error is not None:
+            return RemoteFailure(type(self.error).__name__, str(self.error))
+        try:
+            reply = self.worker.handle(msg)
+        except Exception as e:  # reported to the server as data; the traceback stays here
+            self.failed = True
+            log.error("handling %s failed:\n%s", type(msg).__name__, traceback.format_exc())
+            return RemoteFailure(type(e).__name__, str(e))
+        if isinstance(msg, Shutdown):
+            self._stop(True)
+        return reply
+
 
 def _first_line(e: BaseException) -> str:
     lines = [l.strip() for l in str(e).splitlines() if l.strip()]
@@ -301,83 +453,12 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {lines[0] if lines else ''}"[:300]
 
 
-# ---------------------------------------------------------------------- worker side
-class _Endpoint:
-    """The worker hosted by this process, as `_handle` sees it."""
-
-    def __init__(self) -> None:
-        self.worker = None
-        self.error: Optional[BaseException] = None
-        self.ready = threading.Event()
-        self.stopped = threading.Event()
-        self.ok = True
-        self.reason = ""
-        self.failed = False            # a handler raised here
-        self.startup_timeout_s = 300.0
-
-    def stop(self, ok: bool, reason: str = "") -> None:
-        if not self.stopped.is_set():
-            self.ok, self.reason = ok, reason
-            self.stopped.set()
-
-
-_ENDPOINT = _Endpoint()
-
-
-def serve(worker, startup_timeout_s: float = 300.0) -> None:
-    """Make `worker` answer the server's requests from now on."""
-    _ENDPOINT.worker, _ENDPOINT.startup_timeout_s = worker, startup_timeout_s
-    _ENDPOINT.ready.set()
-
-
-def serve_error(error: BaseException) -> None:
-    """Building the worker failed: answer every request with that failure."""
-    _ENDPOINT.error = error
-    _ENDPOINT.ready.set()
+# torch RPC calls a module-level function by name: it finds the worker's transport here
+_SERVING: Optional[RpcTransport] = None
 
 
 def _handle(msg):
     """Runs on the worker rank (in an RPC thread) for every request of the server."""
-    ep = _ENDPOINT
-    if isinstance(msg, Abort):
-        ep.stop(False, ("failed (traceback above); " if ep.failed else "")
-                + f"the server stopped the run: {msg.reason}")
-        return None
-    if not ep.ready.wait(ep.startup_timeout_s):
-        return RemoteFailure("RuntimeError", "the worker was not ready within "
-                                             "runtime.startup_timeout_s")
-    if ep.error is not None:
-        return RemoteFailure(type(ep.error).__name__, str(ep.error))
-    try:
-        reply = ep.worker.handle(msg)
-    except Exception as e:  # reported to the server as data; the traceback stays here
-        ep.failed = True
-        log.error("handling %s failed:\n%s", type(msg).__name__, traceback.format_exc())
-        return RemoteFailure(type(e).__name__, str(e))
-    if isinstance(msg, Shutdown):
-        ep.stop(True)
-    return reply
-
-
-def wait_until_stopped(heartbeat_s: float = HEARTBEAT_S, ping_timeout_s: float = 60.0
-                       ) -> tuple[bool, str]:
-    """Block until the server sends Shutdown (-> (True, "")) or Abort, or stops answering
-    pings (-> (False, why)). The pings are builtin ops: they need no Python on the server."""
-    ep, ping = _ENDPOINT, None
-    while not ep.stopped.wait(heartbeat_s):
-        if ping is not None and ping.done():
-            try:
-                ping.wait()
-            except Exception as e:
-                if ep.stopped.is_set():
-                    break
-                ep.stop(False, f"lost the server (rank 0): {_first_line(e)}")
-                break
-            ping = None
-        if ping is None:
-            try:
-                ping = rpc.rpc_async(SERVER, torch.add, args=(torch.zeros(1), 1),
-                                     timeout=ping_timeout_s)
-            except Exception as e:
-                ep.stop(False, f"lost the server (rank 0): {_first_line(e)}")
-    return ep.ok, ep.reason
+    if _SERVING is None:
+        return RemoteFailure("RuntimeError", "this rank hosts no worker")
+    return _SERVING._answer(msg)
