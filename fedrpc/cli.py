@@ -69,7 +69,7 @@ def _cmd_run(args) -> int:
     except RunError as e:       # a rank failed; the message names it
         print(f"fedrpc: error: {e}", file=sys.stderr)
         return 1
-    if summary is None:         # an RPC worker rank: the server reports
+    if summary is None:         # a worker rank: the server reports
         return 0
     k = cfg.eval.ks
     if "test" in summary:
