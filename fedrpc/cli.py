@@ -82,7 +82,7 @@ def _cmd_run(args) -> int:
         print("fedrpc: interrupted (no checkpoint written for the current round)",
               file=sys.stderr)
         return 130
-    if summary is None:         # an RPC worker rank: the server reports
+    if summary is None:         # a worker rank: the server reports
         return 0
     k = cfg.eval.ks
     if "test" in summary:

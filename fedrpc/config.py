@@ -195,8 +195,9 @@ class FedConfig:
     """FedRAP: weight of L1(C), annealed tanh(round/10) * beta."""
     aggregation: Literal["mean", "samples"] = "mean"
     """mean over participants, or weighted by their training samples."""
-    transport: Literal["local", "rpc"] = "local"
-    """local: server and workers in one process; rpc: torch.distributed.rpc ranks."""
+    transport: Literal["local", "rpc", "mpi"] = "local"
+    """local: server and workers in one process; rpc: torch.distributed.rpc ranks
+    (torchrun, srun, mpiexec); mpi: mpi4py ranks (mpiexec, srun --mpi=pmi2)."""
     workers: int = 1
     """local transport: number of in-process workers the clients are sharded over."""
     batched: bool = True

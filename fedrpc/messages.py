@@ -187,3 +187,17 @@ def stack_sorted(replies: list[TrainReply]) -> TrainReply:
                       np.concatenate([r.n_samples for r in replies])[order],
                       cat([r.loss for r in replies]), cat([r.kl for r in replies]),
                       max(r.seconds for r in replies))
+
+
+# ---------------------------------------------------------------------- control (transports)
+@dataclass(frozen=True)
+class Abort:
+    """Server -> worker: the run failed elsewhere; stop now (non-gracefully)."""
+    reason: str
+
+
+@dataclass(frozen=True)
+class RemoteFailure:
+    """Worker -> server: handling the request raised; the worker logged the traceback."""
+    kind: str                  # exception type name
+    message: str

@@ -25,7 +25,7 @@ import os
 import re
 import signal
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Mapping, NoReturn, Optional
 
 import numpy as np
@@ -41,7 +41,7 @@ from .transport import LocalTransport, RunError, Transport, WorkerError, rank_na
 from .worker import Worker
 
 log = logging.getLogger(__name__)
-__all__ = ["RankInfo", "RunError", "run", "run_local", "run_ranks"]
+__all__ = ["RankInfo", "RunError", "launch_info", "run", "run_local", "run_ranks"]
 
 
 # ---------------------------------------------------------------------- ranks
@@ -51,8 +51,8 @@ class RankInfo:
     rank: int
     world_size: int
     local_rank: int
-    master_addr: str
-    master_port: int
+    master_addr: Optional[str]   # rendezvous of fed.transport=rpc; None: not known yet
+    master_port: Optional[int]
     launcher: str            # torchrun | env | slurm | mpi
 
     @property
@@ -66,6 +66,9 @@ class RankInfo:
 
     @property
     def init_method(self) -> str:
+        if self.master_addr is None or self.master_port is None:
+            raise ConfigError(f"{self.launcher}: no MASTER_ADDR/MASTER_PORT for rank "
+                              f"{self.rank}")
         host = f"[{self.master_addr}]" if ":" in self.master_addr else self.master_addr
         return f"tcp://{host}:{self.master_port}"
 
@@ -75,7 +78,8 @@ class RankInfo:
         SLURM_STEP_NUM_TASKS or SLURM_NTASKS, SLURM_LOCALID) or MPI (OMPI_COMM_WORLD_*,
         PMI_RANK/PMI_SIZE); None when no launcher set them. The master address and port
         come from MASTER_ADDR/MASTER_PORT, else (SLURM) the first host of the step and a
-        port derived from the job id, else (MPI on one node) 127.0.0.1."""
+        port derived from the job id, else (all ranks on one node) 127.0.0.1 and no port;
+        None where none of these applies (`launch_info` fills them in over MPI)."""
         env = os.environ if env is None else env
         found = _launcher_ranks(env)
         if found is None:
@@ -83,8 +87,8 @@ class RankInfo:
         launcher, rank, world, local, all_local = found
         addr = env.get("MASTER_ADDR") or _default_master_addr(env, launcher, all_local, world)
         port = _int_env(env, "MASTER_PORT") if env.get("MASTER_PORT") else \
-            _default_master_port(env, launcher)
-        if not 0 < port < 65536:
+            _default_master_port(env)
+        if port is not None and not 0 < port < 65536:
             raise ConfigError(f"MASTER_PORT={port}: must be a TCP port in 1..65535")
         if not 0 <= rank < world:
             raise ConfigError(f"{launcher}: rank {rank} is outside world size {world}")
@@ -136,7 +140,7 @@ def first_slurm_host(nodelist: str) -> str:
     return prefix + ranges.split(",")[0].split("-")[0] if ranges else prefix
 
 
-def _default_master_addr(env, launcher: str, all_local: bool, world: int) -> str:
+def _default_master_addr(env, launcher: str, all_local: bool, world: int) -> Optional[str]:
     if launcher == "slurm":
         nodes = (env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
                  or env.get("SLURM_NODELIST"))
@@ -144,34 +148,50 @@ def _default_master_addr(env, launcher: str, all_local: bool, world: int) -> str
             return first_slurm_host(nodes)
     if all_local or world == 1:
         return "127.0.0.1"
-    raise ConfigError(f"{launcher}: ranks on several hosts and MASTER_ADDR is not set: "
-                      f"export MASTER_ADDR=<host of rank 0> (and MASTER_PORT) for every rank")
+    return None
 
 
-def _default_master_port(env, launcher: str) -> int:
-    """A port every rank of the job derives alike (no fixed default port)."""
-    for key in ("SLURM_JOB_ID", "PMIX_NAMESPACE", "OMPI_MCA_ess_base_jobid", "PMI_KVSNAME"):
-        if env.get(key):
-            h = int(hashlib.sha1(f"{key}={env[key]}".encode()).hexdigest(), 16)
-            return 20000 + h % 30000
-    raise ConfigError(f"{launcher}: MASTER_PORT is not set: export MASTER_PORT=<free port> "
-                      f"for every rank")
+def _default_master_port(env) -> Optional[int]:
+    """A port every rank of a SLURM job derives alike from its job id (no fixed port)."""
+    if env.get("SLURM_JOB_ID"):
+        h = int(hashlib.sha1(f"SLURM_JOB_ID={env['SLURM_JOB_ID']}".encode()).hexdigest(), 16)
+        return 20000 + h % 30000
+    return None
 
 
-def rank_info_for_rpc(env: Optional[Mapping[str, str]] = None) -> RankInfo:
-    """This process's RankInfo for fed.transport=rpc, or a ConfigError that says how to launch."""
+_HOW = {"rpc": "start one process per rank, e.g. launchers/local.sh <config> or torchrun "
+               "--standalone --nproc_per_node=3 -m fedrpc run <config> fed.transport=rpc",
+        "mpi": "start one process per rank, e.g. mpiexec -n 3 python -m fedrpc run <config> "
+               "fed.transport=mpi (or srun --mpi=pmi2 -n 3 ...)"}
+
+
+def launch_info(transport: str, env: Optional[Mapping[str, str]] = None) -> RankInfo:
+    """This process's RankInfo for fed.transport=rpc|mpi, or a ConfigError that says how
+    to launch. For rpc under mpiexec (or srun --mpi=pmi2 outside a job id) without
+    MASTER_ADDR/MASTER_PORT, rank 0 picks them and broadcasts them over MPI."""
     info = RankInfo.from_env(env)
-    how = ("start one process per rank, e.g. launchers/local.sh <config> or "
-           "torchrun --standalone --nproc_per_node=3 -m fedrpc run <config> fed.transport=rpc")
+    how = _HOW[transport]
     if info is None:
-        raise ConfigError("fed.transport: rpc needs a launcher (no RANK/WORLD_SIZE, "
+        raise ConfigError(f"fed.transport: {transport} needs a launcher (no RANK/WORLD_SIZE, "
                           "SLURM_PROCID/SLURM_NTASKS, OMPI_COMM_WORLD_RANK/SIZE or "
                           f"PMI_RANK/PMI_SIZE in the environment): {how}")
     if info.world_size < 2:
-        raise ConfigError(f"fed.transport: rpc needs at least 2 ranks (rank 0 = server, "
+        raise ConfigError(f"fed.transport: {transport} needs at least 2 ranks (rank 0 = server, "
                           f"ranks 1.. = workers) but {info.launcher} started "
                           f"{info.world_size}: {how}")
-    return info
+    if transport != "rpc" or (info.master_addr and info.master_port):
+        return info
+    if info.launcher == "mpi" and env is None:
+        from .transport.mpi import broadcast_endpoint
+        addr, port = broadcast_endpoint(info.world_size)
+        return replace(info, master_addr=info.master_addr or addr,
+                       master_port=info.master_port or port)
+    missing = " and ".join(k for k, v in (("MASTER_ADDR", info.master_addr),
+                                          ("MASTER_PORT", info.master_port)) if not v)
+    raise ConfigError(f"fed.transport: rpc: {missing} not set and not derivable ({info.launcher}"
+                      f" launcher: no SLURM_JOB_ID, no MPI to share them): export "
+                      f"MASTER_ADDR=<host of rank 0> and MASTER_PORT=<free port> for every "
+                      f"rank, or launch with torchrun, srun or mpiexec")
 
 
 def rank_device(device: str, local_rank: int = 0, rank: int = 0) -> torch.device:
@@ -264,17 +284,21 @@ def make_transport(cfg: Config, info: RankInfo) -> Transport:
         from .transport.rpc import RpcTransport
         return RpcTransport(info.rank, info.world_size, info.init_method,
                             rt.startup_timeout_s, rt.round_timeout_s)
+    if cfg.fed.transport == "mpi":
+        from .transport.mpi import MpiTransport
+        return MpiTransport(info.rank, info.world_size, rt.startup_timeout_s,
+                            rt.round_timeout_s)
     raise ConfigError(f"fed.transport: {cfg.fed.transport!r} does not run as separate ranks")
 
 
 def run_ranks(cfg: Config, info: Optional[RankInfo] = None) -> Optional[dict]:
     """This process's part of a federation: the summary on the server, None on workers."""
-    info = info or rank_info_for_rpc()
+    info = info or launch_info(cfg.fed.transport)
     _tag_logs(info)
     device = rank_device(cfg.run.device, info.local_rank, info.rank)
-    log.debug("%s: rank %d of %d (%s), local rank %d, master %s, device %s (tensors cross "
-              "between ranks on the CPU)", info.name, info.rank, info.world_size,
-              info.launcher, info.local_rank, info.init_method, device)
+    log.debug("%s: rank %d of %d (%s), local rank %d, master %s:%s, device %s (tensors "
+              "cross between ranks on the CPU)", info.name, info.rank, info.world_size,
+              info.launcher, info.local_rank, info.master_addr, info.master_port, device)
     transport = make_transport(cfg, info)
     startup_s = transport.start()
     if info.rank == 0:
@@ -385,13 +409,13 @@ def _runtime_record(info: RankInfo, startup_s: float, transport: Transport) -> d
 
 # ---------------------------------------------------------------------- dispatch
 def run(cfg: Config) -> Optional[dict]:
-    """Run the federation (`fed.transport`): the summary, or None on an RPC worker rank."""
+    """Run the federation (`fed.transport`): the summary, or None on a worker rank."""
     if cfg.fed.transport == "local":
         found = _launcher_ranks(os.environ) if "RANK" in os.environ else None
         if found is not None and found[2] > 1:
             raise ConfigError(f"fed.transport: local, but {found[0]} started {found[2]} ranks "
                               f"(each would run the whole federation): add fed.transport=rpc")
         return run_local(cfg)
-    if cfg.fed.transport == "rpc":
+    if cfg.fed.transport in ("rpc", "mpi"):
         return run_ranks(cfg)
     raise ConfigError(f"fed.transport: {cfg.fed.transport!r} is not supported by this runtime")

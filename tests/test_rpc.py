@@ -7,13 +7,7 @@ and the launcher environment are checked without starting processes.
 """
 import io
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
-import time
-import uuid
 import zipfile
 from pathlib import Path
 
@@ -23,89 +17,10 @@ import torch
 
 from fedrpc.config import ConfigError, load_config
 from fedrpc.messages import TrainReply, TrainRequest
-from fedrpc.runtime import RankInfo, first_slurm_host, rank_info_for_rpc, run_local
+from fedrpc.runtime import RankInfo, first_slurm_host, launch_info, run_local
 from fedrpc.transport.rpc import (_as_sent, _storage_bytes, _TensorTablePickle,
                                   tensorpipe_transports, wire_bytes)
-
-REPO = Path(__file__).resolve().parents[1]
-SMALL = ["data.synthetic.users=30", "data.synthetic.items=50",
-         "data.synthetic.mean_interactions=10", "data.synthetic.min_interactions=5",
-         "fed.latent_dim=8", "fed.local_epochs=1", "fed.batch_size=32", "fed.rounds=3",
-         "gfmfr.groups=3", "gfmfr.fusion_epochs=3", "run.progress=false",
-         "encoder.cache=false", "fed.client_fraction=0.6"]
-LAUNCH_TIMEOUT_S = 150
-
-
-# ---------------------------------------------------------------------- launching ranks
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def tagged_pids(tag: str) -> list[int]:
-    """PIDs of live processes started by a launch with this tag (it is in their env)."""
-    out = []
-    for p in Path("/proc").iterdir():
-        if not p.name.isdigit():
-            continue
-        try:
-            env = (p / "environ").read_bytes()
-            state = (p / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if f"FEDRPC_TEST_TAG={tag}".encode() in env and state != "Z":
-            out.append(int(p.name))
-    return out
-
-
-class Launch:
-    """Processes of one federation: returncodes, output, wall time."""
-
-    def __init__(self, argv_per_rank: list[list[str]], out: Path, env: dict,
-                 timeout: float = LAUNCH_TIMEOUT_S):
-        self.tag = uuid.uuid4().hex
-        self.out = out
-        out.mkdir(parents=True, exist_ok=True)
-        base = {**os.environ, "OMP_NUM_THREADS": "1", "TP_SOCKET_IFNAME": "lo",
-                "GLOO_SOCKET_IFNAME": "lo", "PYTHONPATH": str(REPO),
-                "FEDRPC_TEST_TAG": self.tag, **env}
-        for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-            base.pop(k, None)
-        self.procs, self.logs = [], []
-        t0 = time.monotonic()
-        try:
-            for i, (argv, rank_env) in enumerate(argv_per_rank):
-                log = open(out / f"proc{i}.log", "wb")
-                self.logs.append(out / f"proc{i}.log")
-                self.procs.append(subprocess.Popen(argv, cwd=REPO, env={**base, **rank_env},
-                                                   stdout=log, stderr=subprocess.STDOUT))
-                log.close()
-            deadline = t0 + timeout
-            for p in self.procs:
-                p.wait(timeout=max(0.1, deadline - time.monotonic()))
-        finally:
-            self.seconds = time.monotonic() - t0
-            self._reap()
-        self.returncodes = [p.returncode for p in self.procs]
-
-    def _reap(self) -> None:
-        """Kill whatever this launch started that still runs (by PID), then check."""
-        for p in self.procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait(10)
-        for pid in tagged_pids(self.tag):       # e.g. ranks of a torchrun that was killed
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.2)
-        self.leftovers = tagged_pids(self.tag)
-
-    def text(self, i: int) -> str:
-        return self.logs[i].read_text(errors="replace")
-
+from launch import REPO, SMALL, Launch, assert_clean, free_port, rounds
 
 def spawn(n: int, out: Path, *overrides: str, entry=("-m", "fedrpc"), env=None) -> Launch:
     """n ranks as our own processes (RANK/WORLD_SIZE/MASTER_* set here)."""
@@ -122,15 +37,6 @@ def torchrun(n: int, out: Path, *overrides: str) -> Launch:
            f"--nproc_per_node={n}", "-m", "fedrpc", "run", "configs/quickstart.yaml", *SMALL,
            f"run.out_dir={out}", "fed.transport=rpc", *overrides]
     return Launch([(cmd, {})], out / "logs", {})
-
-
-def rounds(out: Path) -> list[dict]:
-    return [json.loads(l) for l in open(out / "rounds.jsonl")]
-
-
-def assert_clean(launch: Launch) -> None:
-    assert launch.leftovers == [], f"processes left running: {launch.leftovers}"
-    assert all(p.poll() is not None for p in launch.procs)
 
 
 # ---------------------------------------------------------------------- same numbers
@@ -205,9 +111,9 @@ def test_workers_never_load_content_or_encoders(federations):
 # ---------------------------------------------------------------------- failures
 def spawn_failing(tmp_path, rank: int, mode: str, round_timeout_s: int):
     """3 ranks where worker `rank` fails in round 1 the way `mode` says (raise | exit |
-    hang); see tests/rpc_failing_worker.py."""
+    hang); see tests/failing_worker.py."""
     return spawn(3, tmp_path, f"runtime.round_timeout_s={round_timeout_s}",
-                 entry=(str(REPO / "tests/rpc_failing_worker.py"),),
+                 entry=(str(REPO / "tests/failing_worker.py"),),
                  env={"FEDRPC_FAIL_RANK": str(rank), "FEDRPC_FAIL_MODE": mode,
                       "FEDRPC_FAIL_ROUND": "1"})
 
@@ -324,14 +230,14 @@ def test_rank_info_from_launcher_environments():
 
 def test_rpc_launch_errors_are_clear():
     with pytest.raises(ConfigError, match="needs a launcher"):
-        rank_info_for_rpc({})
+        launch_info("rpc", {})
     with pytest.raises(ConfigError, match="at least 2 ranks"):
-        rank_info_for_rpc({"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+        launch_info("rpc", {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
                            "MASTER_PORT": "4000"})
     with pytest.raises(ConfigError, match="MASTER_ADDR"):
-        rank_info_for_rpc({"PMI_RANK": "0", "PMI_SIZE": "4", "MASTER_PORT": "4000"})
+        launch_info("rpc", {"PMI_RANK": "0", "PMI_SIZE": "4", "MASTER_PORT": "4000"})
     with pytest.raises(ConfigError, match="MASTER_PORT"):
-        rank_info_for_rpc({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"})
+        launch_info("rpc", {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"})
 
 
 def test_tensorpipe_transports_default_to_uv():

@@ -20,11 +20,16 @@ import logging
 import os
 import sys
 import time
+import traceback
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, NoReturn, Optional
 
 import numpy as np
+
+from ..messages import RemoteFailure
+
+log = logging.getLogger(__name__)
 
 
 def rank_name(rank: int) -> str:
@@ -99,6 +104,7 @@ class Transport(ABC):
 
     def __init__(self) -> None:
         self.ledger = ByteLedger()
+        self._where, self._kind = "", ""      # the exchange in progress, for errors
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> float:
@@ -118,13 +124,7 @@ class Transport(ABC):
 
     def abort(self, code: int, message: str) -> NoReturn:
         """Last resort when `stop` could not end cleanly: say why, end this process."""
-        print(f"fedrpc: error: {message}", file=sys.stderr, flush=True)
-        for h in logging.getLogger().handlers:
-            try:
-                h.flush()
-            except Exception:
-                pass
-        sys.stdout.flush()
+        report_error(message)
         os._exit(code)
 
     def describe(self) -> dict:
@@ -148,6 +148,8 @@ class Transport(ABC):
         """Send each worker its request and return {rank: reply}. A failing rank raises
         WorkerError; when a `failures` dict is given, failing ranks are put there
         ({rank: WorkerError}) and the replies of the others are returned."""
+        self._where = f"round {round_}, {kind}" if round_ >= 0 else kind
+        self._kind = kind
         t0 = time.perf_counter()
         results = self._send_all(requests, timeout, failures is not None)
         dt = time.perf_counter() - t0
@@ -166,9 +168,44 @@ class Transport(ABC):
             replies[rank] = reply
         return replies
 
+    def _late(self, timeout: float, why: str = "") -> str:
+        """The error of a worker that did not answer the current exchange in time."""
+        key = "runtime.round_timeout_s" if self._kind in ("train", "eval") \
+            else "runtime.startup_timeout_s"
+        return f"no reply within {timeout:g} s ({key}){why} ({self._where})"
+
     def close(self, graceful: bool = True, reason: str = "") -> None:
         """Server side: end the workers' part; graceful: Shutdown to each and wait for its
         acknowledgement; otherwise Abort(reason) to each, with a bounded wait."""
+
+
+def report_error(message: str) -> None:
+    """The one-line error a failing rank prints before it ends, with all logs flushed."""
+    print(f"fedrpc: error: {message}", file=sys.stderr, flush=True)
+    for h in logging.getLogger().handlers:
+        try:
+            h.flush()
+        except Exception:
+            pass
+    sys.stdout.flush()
+
+
+def answer(worker: Any, error: Optional[BaseException], msg: Any) -> tuple[Any, bool]:
+    """A worker's reply to `msg` and whether handling it raised. A failure goes back to
+    the server as data (RemoteFailure); its traceback is logged here, on the worker."""
+    if error is not None:                      # building the worker failed
+        return RemoteFailure(type(error).__name__, str(error)), False
+    try:
+        return worker.handle(msg), False
+    except Exception as e:
+        log.error("handling %s failed:\n%s", type(msg).__name__, traceback.format_exc())
+        return RemoteFailure(type(e).__name__, str(e)), True
+
+
+def aborted(failed: bool, reason: str) -> str:
+    """Why a worker stops when the server sends Abort(reason)."""
+    return ("failed (traceback above); " if failed else "") + \
+        f"the server stopped the run: {reason}"
 
 
 def _payload(msg) -> int:

@@ -37,7 +37,6 @@ import os
 import queue
 import threading
 import time
-import traceback
 import warnings
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
@@ -47,8 +46,8 @@ import torch.distributed.rpc as rpc
 from torch.distributed.rpc.internal import PythonUDF, _internal_rpc_pickler
 
 from ..config import ConfigError
-from ..messages import Shutdown
-from .base import RunError, Transport, WorkerError, rank_name
+from ..messages import Abort, RemoteFailure, Shutdown
+from .base import RunError, Transport, WorkerError, aborted, answer, rank_name
 
 log = logging.getLogger(__name__)
 
@@ -73,20 +72,6 @@ def tensorpipe_transports(env: Optional[Mapping[str, str]] = None) -> list[str]:
         raise ConfigError(f"FEDRPC_TP_TRANSPORTS={env.get('FEDRPC_TP_TRANSPORTS')!r}: "
                           f"expected a comma list of uv, shm, ibv")
     return names
-
-
-# ---------------------------------------------------------------------- control messages
-@dataclass(frozen=True)
-class Abort:
-    """Server -> worker: the run failed elsewhere; stop now (non-gracefully)."""
-    reason: str
-
-
-@dataclass(frozen=True)
-class RemoteFailure:
-    """Worker -> server: handling the request raised; the worker logged the traceback."""
-    kind: str                  # exception type name
-    message: str
 
 
 # ---------------------------------------------------------------------- wire bytes
@@ -231,7 +216,6 @@ class RpcTransport(Transport):
         self.control_timeout_s = startup_timeout_s
         self.round_timeout_s = round_timeout_s
         self._ranks = list(range(1, world_size))
-        self._where, self._kind = "", ""
         self._closed = False
         # worker side: what `_handle` answers with
         self.worker = None
@@ -308,12 +292,6 @@ class RpcTransport(Transport):
         return True
 
     # ------------------------------------------------------------------ server side
-    def exchange(self, round_: int, kind: str, requests: dict[int, Any],
-                 timeout: float, failures: Optional[dict] = None) -> dict[int, Any]:
-        self._where = f"round {round_}, {kind}" if round_ >= 0 else kind
-        self._kind = kind
-        return super().exchange(round_, kind, requests, timeout, failures)
-
     def _send_all(self, requests, timeout, tolerate=False):
         done: queue.SimpleQueue = queue.SimpleQueue()
         futures, down, t0 = {}, {}, time.monotonic()
@@ -355,11 +333,6 @@ class RpcTransport(Transport):
                       "up %d", self._where, rank, time.monotonic() - t0,
                       getattr(reply, "seconds", float("nan")), out[rank][1], out[rank][2])
         return out
-
-    def _late(self, timeout: float) -> str:
-        key = "runtime.round_timeout_s" if self._kind in ("train", "eval") \
-            else "runtime.startup_timeout_s"
-        return f"no reply within {timeout:g} s ({key}) ({self._where})"
 
     def _describe(self, e: Exception, timeout: float) -> str:
         text = str(e)
@@ -427,21 +400,14 @@ class RpcTransport(Transport):
 
     def _answer(self, msg):
         if isinstance(msg, Abort):
-            self._stop(False, ("failed (traceback above); " if self.failed else "")
-                       + f"the server stopped the run: {msg.reason}")
+            self._stop(False, aborted(self.failed, msg.reason))
             return None
         if not self.ready.wait(self.control_timeout_s):
             return RemoteFailure("RuntimeError", "the worker was not ready within "
                                                  "runtime.startup_timeout_s")
-        if self.error is not None:
-            return RemoteFailure(type(self.error).__name__, str(self.error))
-        try:
-            reply = self.worker.handle(msg)
-        except Exception as e:  # reported to the server as data; the traceback stays here
-            self.failed = True
-            log.error("handling %s failed:\n%s", type(msg).__name__, traceback.format_exc())
-            return RemoteFailure(type(e).__name__, str(e))
-        if isinstance(msg, Shutdown):
+        reply, raised = answer(self.worker, self.error, msg)
+        self.failed |= raised
+        if isinstance(msg, Shutdown) and not raised:
             self._stop(True)
         return reply
 

@@ -1,13 +1,15 @@
-"""`fedrpc` with a worker that fails, for tests/test_rpc.py.
+"""`fedrpc` with a worker that fails, for tests/test_rpc.py, test_mpi.py and test_slurm.py.
 
-    FEDRPC_FAIL_RANK=2 FEDRPC_FAIL_MODE=raise|exit|hang FEDRPC_FAIL_ROUND=0 \
-        python tests/rpc_failing_worker.py run <config> <overrides>
+    FEDRPC_FAIL_RANK=2 FEDRPC_FAIL_MODE=raise|exit|kill|hang FEDRPC_FAIL_ROUND=0 \
+        python tests/failing_worker.py run <config> <overrides>
 
 On rank FEDRPC_FAIL_RANK, from round FEDRPC_FAIL_ROUND on, Worker.train raises
-RuntimeError (raise), kills the process with os._exit(3) (exit) or never returns (hang);
+RuntimeError (raise), ends the process with os._exit(3) (exit), SIGKILLs it (kill) or
+never returns (hang);
 every other rank is unchanged.
 """
 import os
+import signal
 import sys
 import time
 
@@ -24,6 +26,8 @@ def failing_train(self, req):
     if self.rank == FAIL_RANK and req.round >= FAIL_ROUND:
         if FAIL_MODE == "exit":
             os._exit(3)
+        if FAIL_MODE == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
         if FAIL_MODE == "hang":
             time.sleep(3600)
         raise RuntimeError(f"injected failure in round {req.round}")
