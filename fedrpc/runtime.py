@@ -25,6 +25,7 @@ import os
 import re
 import signal
 import threading
+import time
 from dataclasses import dataclass, replace
 from typing import Mapping, NoReturn, Optional
 
@@ -295,6 +296,7 @@ def run_ranks(cfg: Config, info: Optional[RankInfo] = None) -> Optional[dict]:
     """This process's part of a federation: the summary on the server, None on workers."""
     info = info or launch_info(cfg.fed.transport)
     _tag_logs(info)
+    _watch_launcher(info)
     device = rank_device(cfg.run.device, info.local_rank, info.rank)
     log.debug("%s: rank %d of %d (%s), local rank %d, master %s:%s, device %s (tensors "
               "cross between ranks on the CPU)", info.name, info.rank, info.world_size,
@@ -305,6 +307,25 @@ def run_ranks(cfg: Config, info: Optional[RankInfo] = None) -> Optional[dict]:
         return _run_server(cfg, info, transport, startup_s, device)
     _run_worker(cfg, info, transport, device)
     return None
+
+
+LAUNCHER_POLL_S = 1.0
+
+
+def _watch_launcher(info: RankInfo) -> None:
+    """A rank notices when its launcher (torchrun, mpiexec, srun) is gone: the launcher's
+    death re-parents this process. The rank then acts as on SIGTERM: the server finishes
+    the round, checkpoints and shuts the workers down; a worker whose server is gone too
+    stops by its heartbeat. No rank runs on as an orphan."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(LAUNCHER_POLL_S)
+        log.warning("%s: the launcher (PID %d) is gone; stopping", info.name, parent)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
 
 
 def _tag_logs(info: RankInfo) -> None:

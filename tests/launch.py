@@ -46,7 +46,9 @@ class Launch:
     """Processes of one federation: returncodes, output, wall time."""
 
     def __init__(self, argv_per_rank: list[list[str]], out: Path, env: dict,
-                 timeout: float = LAUNCH_TIMEOUT_S):
+                 timeout: float = LAUNCH_TIMEOUT_S, during=None):
+        """`during(procs)`, when given, runs once every process has started (e.g. to send
+        a signal mid-run); the launch then waits for them all."""
         self.tag = uuid.uuid4().hex
         self.out = out
         out.mkdir(parents=True, exist_ok=True)
@@ -64,6 +66,8 @@ class Launch:
                 self.procs.append(subprocess.Popen(argv, cwd=REPO, env={**base, **rank_env},
                                                    stdout=log, stderr=subprocess.STDOUT))
                 log.close()
+            if during is not None:
+                during(self.procs)
             deadline = t0 + timeout
             for p in self.procs:
                 p.wait(timeout=max(0.1, deadline - time.monotonic()))
