@@ -215,6 +215,7 @@ class Server:
     def resume(self, manifest: dict) -> None:
         """Continue from a checkpoint (read_checkpoint's manifest): server state from its
         server file, every worker's clients from its client files."""
+        t0 = time.perf_counter()
         check_compatible(manifest, self.result_config())
         folder = Path(manifest["folder"])
         sd = torch.load(folder / SERVER_FILE, weights_only=True)
@@ -229,7 +230,8 @@ class Server:
             log.warning("resume: %d of %d clients found in the checkpoint; the others start "
                         "from their initial state", restored, len(self.users))
         self.checkpoint_folder = folder
-        log.info("resumed from %s: %d round(s) complete", folder, self.state.round)
+        log.info("resumed from %s: %d round(s) complete (%.2f s)", folder, self.state.round,
+                 time.perf_counter() - t0)
 
 
 def _one_catalogue(hello: dict[int, HelloReply]) -> Catalogue:
