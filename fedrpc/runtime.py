@@ -55,6 +55,7 @@ class RankInfo:
     master_addr: Optional[str]   # rendezvous of fed.transport=rpc; None: not known yet
     master_port: Optional[int]
     launcher: str            # torchrun | env | slurm | mpi
+    run_id: str = ""         # shared by the ranks of one launch only ('' = unknown)
 
     @property
     def role(self) -> str:
@@ -93,7 +94,21 @@ class RankInfo:
             raise ConfigError(f"MASTER_PORT={port}: must be a TCP port in 1..65535")
         if not 0 <= rank < world:
             raise ConfigError(f"{launcher}: rank {rank} is outside world size {world}")
-        return cls(rank, world, local, addr, port, launcher)
+        return cls(rank, world, local, addr, port, launcher, launch_id(env))
+
+
+def launch_id(env: Mapping[str, str]) -> str:
+    """An id every rank of one launch shares and another launch does not: FEDRPC_RUN_ID,
+    torchrun's run id, or SLURM's job and step ('' when the launcher gives none; under
+    mpiexec rank 0 then broadcasts one). The RPC rendezvous refuses ranks of another
+    launch, e.g. two jobs started with the same MASTER_PORT."""
+    if env.get("FEDRPC_RUN_ID"):
+        return env["FEDRPC_RUN_ID"]
+    if env.get("TORCHELASTIC_RUN_ID", "none") != "none":
+        return f"torchrun:{env['TORCHELASTIC_RUN_ID']}"
+    if env.get("SLURM_JOB_ID"):
+        return f"slurm:{env['SLURM_JOB_ID']}.{env.get('SLURM_STEP_ID', '')}"
+    return ""
 
 
 def _int_env(env: Mapping[str, str], key: str) -> int:
@@ -180,13 +195,15 @@ def launch_info(transport: str, env: Optional[Mapping[str, str]] = None) -> Rank
         raise ConfigError(f"fed.transport: {transport} needs at least 2 ranks (rank 0 = server, "
                           f"ranks 1.. = workers) but {info.launcher} started "
                           f"{info.world_size}: {how}")
-    if transport != "rpc" or (info.master_addr and info.master_port):
+    if transport != "rpc" or (info.master_addr and info.master_port and info.run_id):
         return info
     if info.launcher == "mpi" and env is None:
         from .transport.mpi import broadcast_endpoint
-        addr, port = broadcast_endpoint(info.world_size)
+        addr, port, run_id = broadcast_endpoint(info.world_size)
         return replace(info, master_addr=info.master_addr or addr,
-                       master_port=info.master_port or port)
+                       master_port=info.master_port or port, run_id=info.run_id or run_id)
+    if info.master_addr and info.master_port:
+        return info
     missing = " and ".join(k for k, v in (("MASTER_ADDR", info.master_addr),
                                           ("MASTER_PORT", info.master_port)) if not v)
     raise ConfigError(f"fed.transport: rpc: {missing} not set and not derivable ({info.launcher}"
@@ -284,7 +301,7 @@ def make_transport(cfg: Config, info: RankInfo) -> Transport:
     if cfg.fed.transport == "rpc":
         from .transport.rpc import RpcTransport
         return RpcTransport(info.rank, info.world_size, info.init_method,
-                            rt.startup_timeout_s, rt.round_timeout_s)
+                            rt.startup_timeout_s, rt.round_timeout_s, info.run_id)
     if cfg.fed.transport == "mpi":
         from .transport.mpi import MpiTransport
         return MpiTransport(info.rank, info.world_size, rt.startup_timeout_s,

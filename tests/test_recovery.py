@@ -6,6 +6,7 @@ import os
 import pickle
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from dataclasses import FrozenInstanceError
@@ -400,3 +401,33 @@ def test_killing_the_torchrun_launcher_leaves_no_rank_behind(tmp_path):
     assert done < 40
     # the server stopped as on SIGTERM: the rounds it finished are in a checkpoint
     assert (out / "checkpoints" / f"round-{done:06d}" / "manifest.json").is_file()
+
+
+@pytest.mark.timeout(300)
+def test_a_rank_of_another_launch_on_the_same_port_is_refused(tmp_path, reference):
+    """Two jobs given the same MASTER_PORT: the second job's worker finds the first job's
+    rendezvous, says so and exits; the first job is not disturbed."""
+    out, port = tmp_path / "run", str(free_port())
+    intruder = {}
+
+    def during(procs):
+        _first_round_then(0, {"out": out, "target": 0})(procs)   # signal 0: just wait
+        env = {**os.environ, "RANK": "1", "WORLD_SIZE": "3", "LOCAL_RANK": "1",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "FEDRPC_RUN_ID": "job-2",
+               "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+        p = subprocess.run(_cmd(tmp_path / "other", "fed.transport=rpc",
+                                "runtime.startup_timeout_s=30"),
+                           cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        intruder.update(rc=p.returncode, text=p.stdout + p.stderr)
+
+    ranks = [(_cmd(out, "fed.transport=rpc"), {
+        "RANK": str(r), "WORLD_SIZE": "3", "LOCAL_RANK": str(r), "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": port, "FEDRPC_RUN_ID": "job-1"}) for r in range(3)]
+    # job 1's rounds last long enough for the intruder to arrive while it runs
+    launch = Launch(ranks, tmp_path / "logs", {**SLOW, "FEDRPC_SLOW_S": "8",
+                                               "FEDRPC_FAIL_RANK": "1"}, during=during)
+    assert_clean(launch)
+    assert intruder["rc"] != 0
+    assert "belongs to another run (job-1; this launch is job-2)" in intruder["text"]
+    assert launch.returncodes == [0, 0, 0], launch.text(0)[-3000:]
+    assert results(out) == results(reference / "fedrap")

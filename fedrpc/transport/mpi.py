@@ -33,6 +33,7 @@ import socket
 import struct
 import threading
 import time
+import uuid
 from typing import Any, NoReturn, Optional
 
 import numpy as np
@@ -358,10 +359,10 @@ class MpiTransport(Transport):
 
 
 # ---------------------------------------------------------------------- rpc bootstrap
-def broadcast_endpoint(world_size: int) -> tuple[str, int]:
-    """For fed.transport=rpc under mpiexec or srun --mpi=pmi2 without MASTER_ADDR/PORT:
-    rank 0 picks a free port on its host and broadcasts (address, port) over MPI.
-    The address is 127.0.0.1 when every rank runs on rank 0's host."""
+def broadcast_endpoint(world_size: int) -> tuple[str, int, str]:
+    """For fed.transport=rpc under mpiexec or srun --mpi=pmi2: rank 0 picks a free port on
+    its host and a run id, and broadcasts (address, port, run id) over MPI. The address
+    is 127.0.0.1 when every rank runs on rank 0's host."""
     MPI = load_mpi()
     comm = MPI.COMM_WORLD
     if comm.Get_size() != world_size:
@@ -374,5 +375,6 @@ def broadcast_endpoint(world_size: int) -> tuple[str, int]:
         with socket.socket() as s:
             s.bind(("", 0))
             port = s.getsockname()[1]
-        endpoint = ("127.0.0.1" if len(set(hosts)) == 1 else hosts[0], port)
+        endpoint = ("127.0.0.1" if len(set(hosts)) == 1 else hosts[0], port,
+                    f"mpi:{uuid.uuid4().hex}")
     return comm.bcast(endpoint, root=0)

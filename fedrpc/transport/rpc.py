@@ -39,6 +39,7 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Mapping, Optional
 
 import torch
@@ -51,6 +52,7 @@ from .base import RunError, Transport, WorkerError, aborted, answer, rank_name
 
 log = logging.getLogger(__name__)
 
+RUN_ID_KEY = "fedrpc/run_id"
 ABORT_TIMEOUT_S = 5.0        # how long an aborting server waits for workers to take note
 HEARTBEAT_S = 2.0            # how often an idle worker checks that its server is alive
 SHUTDOWN_WAIT_S = 5.0        # bound on a non-graceful RPC shutdown
@@ -208,8 +210,10 @@ class RpcTransport(Transport):
     can_rejoin = False   # a rank that died cannot join a running RPC group again
 
     def __init__(self, rank: int, world_size: int, init_method: str,
-                 startup_timeout_s: float = 60.0, round_timeout_s: float = 600.0):
+                 startup_timeout_s: float = 60.0, round_timeout_s: float = 600.0,
+                 run_id: str = ""):
         super().__init__()
+        self.run_id = run_id
         if world_size < 2:
             raise ValueError("RpcTransport needs at least one worker rank (world size >= 2)")
         self.rank, self.world_size, self.init_method = rank, world_size, init_method
@@ -253,10 +257,14 @@ class RpcTransport(Transport):
         watchdog.start()
         t0 = time.perf_counter()
         try:
+            if self.run_id:
+                self._same_launch(me)
             with warnings.catch_warnings():   # torch's own use of a deprecated gloo API
                 warnings.filterwarnings("ignore", message="You are using a Backend")
                 rpc.init_rpc(rank_name(self.rank), rank=self.rank, world_size=self.world_size,
                              rpc_backend_options=opts)
+        except RunError:
+            raise
         except Exception as e:
             raise RunError(f"{me}: RPC start-up at {self.init_method} failed: "
                            f"{type(e).__name__}: {e}") from e
@@ -264,6 +272,26 @@ class RpcTransport(Transport):
             watchdog.cancel()
         rpc._set_rpc_timeout(self.round_timeout_s)
         return time.perf_counter() - t0
+
+    def _same_launch(self, me: str) -> None:
+        """Refuse a rendezvous that belongs to another launch (two jobs given the same
+        MASTER_PORT): rank 0 publishes its run id in the rendezvous store, the other ranks
+        compare it with theirs before joining."""
+        import torch.distributed as dist
+
+        store, _, _ = next(dist.rendezvous(self.init_method, rank=self.rank,
+                                           world_size=self.world_size,
+                                           timeout=timedelta(seconds=self.control_timeout_s)))
+        # kept for the whole run: on rank 0 it serves the store init_rpc then shares
+        self._store = store
+        if self.rank == 0:
+            store.set(RUN_ID_KEY, self.run_id)
+            return
+        theirs = store.get(RUN_ID_KEY).decode()
+        if theirs != self.run_id:
+            raise RunError(f"{me}: the rendezvous at {self.init_method} belongs to another run "
+                           f"({theirs}; this launch is {self.run_id}): two jobs share "
+                           f"MASTER_PORT; give each job its own port")
 
     def stop(self, graceful: bool = True) -> bool:
         """rpc.shutdown with a bound: True when it finished cleanly within it."""
