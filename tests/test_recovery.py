@@ -431,3 +431,25 @@ def test_a_rank_of_another_launch_on_the_same_port_is_refused(tmp_path, referenc
     assert "belongs to another run (job-1; this launch is job-2)" in intruder["text"]
     assert launch.returncodes == [0, 0, 0], launch.text(0)[-3000:]
     assert results(out) == results(reference / "fedrap")
+
+
+@pytest.mark.timeout(300)
+def test_partial_participation_with_group_fusion_over_rpc_matches_in_process(tmp_path):
+    over = ("fed.client_fraction=0.1", "run.checkpoint_every=0")
+    local = tmp_path / "local"
+    run_local(cfg_of(local, *over))
+    launch = _spawn(3, tmp_path / "rpc", tmp_path / "logs", *over)
+    assert_clean(launch)
+    assert launch.returncodes == [0, 0, 0], launch.text(0)[-3000:]
+    assert results(tmp_path / "rpc") == results(local)
+
+
+def test_a_failing_worker_in_process_is_one_line_not_a_traceback(tmp_path):
+    p = subprocess.run(_cmd(tmp_path / "run"), cwd=REPO, capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "FEDRPC_FAIL_RANK": "1",
+                                         "FEDRPC_FAIL_MODE": "raise", "FEDRPC_FAIL_ROUND": "1",
+                                         "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    assert p.returncode == 1
+    assert "fedrpc: error: worker rank 1: RuntimeError: injected failure in round 1" in p.stderr
+    assert "Traceback" not in p.stdout + p.stderr
+    assert records(tmp_path / "run")[-1]["failure"]["rank"] == 1
