@@ -20,7 +20,7 @@ import pytest
 
 from fedrpc.config import load_config
 from fedrpc.runtime import run_local
-from launch import REPO, SMALL, rounds, tagged_pids
+from launch import REPO, SMALL, Launch, assert_clean, rounds, tagged_pids
 from slurm_cluster import Cluster, Unavailable, ensure_installed
 
 JOB_TIMEOUT_S = 240
@@ -132,6 +132,22 @@ def test_each_sbatch_script_runs_the_federation_with_the_local_numbers(slurm, lo
     assert rt["world_size"] == 3
     assert (rt["transport"], rt["launcher"]) == \
         (("mpi", "slurm") if script == "mpi.sbatch" else ("rpc", "torchrun"))
+
+
+@pytest.mark.timeout(JOB_TIMEOUT_S + 60)
+def test_srun_torch_rpc_meets_at_the_job_derived_rendezvous(slurm, local_run, tmp_path):
+    """srun alone (no torchrun, no MASTER_ADDR/PORT): torch RPC meets on the step's first
+    host at a port derived from SLURM_JOB_ID."""
+    out = tmp_path / "run"
+    cmd = ["srun", "-n", "3", "--overcommit", sys.executable, "-m", "fedrpc", "run",
+           "configs/quickstart.yaml", *SMALL, f"run.out_dir={out}", "fed.transport=rpc"]
+    launch = Launch([(cmd, {})], out / "logs", {"SLURM_CONF": str(slurm.conf)},
+                    timeout=JOB_TIMEOUT_S)        # Launch drops MASTER_ADDR/MASTER_PORT
+    assert_clean(launch)
+    assert launch.returncodes == [0], launch.text(0)[-3000:]
+    assert [r["metrics"] for r in rounds(out)] == [r["metrics"] for r in rounds(local_run)]
+    rt = json.load(open(out / "summary.json"))["runtime"]
+    assert (rt["transport"], rt["launcher"], rt["world_size"]) == ("rpc", "slurm", 3)
 
 
 def _kill_rank_when_running(rank: int, out: Path, killed: dict):
