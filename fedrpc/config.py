@@ -8,6 +8,7 @@ for checks across fields.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -232,7 +233,8 @@ class GFMFRConfig:
     formula — for the MLP backbones it applies w2, which weighs hidden units, to item
     embeddings and ranks held-out items below random. Identical for fedavgmf and pfedrec."""
     max_ratio: float = 1.0
-    """Cap of the ratio L_base / KL (the distillation weight before the cosine schedule)."""
+    """Cap of the ratio L_base / KL (the distillation weight before the cosine schedule);
+    0 = no distillation (grouping and fusion still run)."""
 
     def validate(self, key: str) -> None:
         check(self.groups >= 1, f"{key}.groups", "must be >= 1")
@@ -244,7 +246,7 @@ class GFMFRConfig:
         check(self.fusion_lr > 0, f"{key}.fusion_lr", "must be > 0")
         check(self.fusion_batch_size >= 1, f"{key}.fusion_batch_size", "must be >= 1")
         check(0.0 <= self.ema_decay < 1.0, f"{key}.ema_decay", "must be in [0, 1)")
-        check(self.max_ratio > 0, f"{key}.max_ratio", "must be > 0")
+        check(self.max_ratio >= 0, f"{key}.max_ratio", "must be >= 0 (0 = no distillation)")
 
 
 @dataclass
@@ -337,6 +339,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):
+            # YAML 1.1 reads 1e-9 (no dot) as a string; take numbers as users write them
+            try:
+                number = float(value.strip().replace("_", ""))
+            except ValueError:
+                number = math.nan
+            if math.isfinite(number):
+                return number
         raise ConfigError(f"{key}: must be a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):
