@@ -141,8 +141,10 @@ class EvalConfig:
 
 @dataclass
 class FedConfig:
-    backbone: Literal["fedrap", "fedncf", "fedavgmf", "pfedrec"] = "fedrap"
-    """The federated recommender the clients train (fedavgmf is also known as FCF)."""
+    backbone: Literal["fedrap", "fedrap_mlp", "fedncf", "fedavgmf", "pfedrec"] = "fedrap"
+    """The federated recommender the clients train: fedrap = the original FedRAP (private
+    affine head over P_u[i] + C[i], only C shared); fedrap_mlp = the GFMFR reference code's
+    MLP variant; fedavgmf is also known as FCF."""
     latent_dim: int = 64
     """Size d of user and item embeddings."""
     rounds: int = 20

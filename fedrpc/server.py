@@ -97,7 +97,8 @@ class Server:
         tic = time.perf_counter()
         weights = (torch.from_numpy(up.n_samples).double()
                    if cfg.fed.aggregation == "samples" else None)
-        self.shared = alg.mean_aggregate(up.shared, weights)
+        self.shared = alg.mean_aggregate({p.name: up.shared[p.name] for p in self.backbone.shared()},
+                                         weights)
         t["aggregate"] = time.perf_counter() - tic
 
         # --- group clients, fuse content per group, derive the teacher
@@ -185,7 +186,9 @@ class Server:
         paper's formula) or "head" (the whole shared scoring head, no user part)."""
         g, bb = self.cfg.gfmfr, self.backbone
         names = bb.output if kind == "output" else bb.head
-        head = {n: _group_means(up.shared[n], labels, g.groups, self.shared[n])
+        # an empty group takes the global value (the mean upload for a group-only head)
+        head = {n: _group_means(up.shared[n], labels, g.groups,
+                                self.shared[n] if n in self.shared else up.shared[n].mean(0))
                 for n in names}
         if kind == "output":
             w, b = (head[n] for n in bb.output)

@@ -79,7 +79,8 @@ def test_readme_lists_every_key_with_its_current_default():
 
 
 @pytest.mark.parametrize("backbone, expected", [
-    ("fedrap", {"lr": 0.05, "lr_item": 16.0, "lr_private_item": 0.5}),
+    ("fedrap", {"lr": 5.0, "lr_item": 64.0, "lr_private_item": 0.5}),
+    ("fedrap_mlp", {"lr": 0.05, "lr_item": 16.0, "lr_private_item": 0.5}),
     ("fedavgmf", {"lr": 5.0, "lr_item": 64.0, "lr_private_item": 0.5}),
 ])
 def test_empty_learning_rates_take_the_backbones_and_set_ones_win(backbone, expected):
