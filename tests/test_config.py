@@ -15,7 +15,7 @@ def test_defaults_and_dotted_overrides(tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("data.bogus=1", "data.bogus: unknown key; allowed: format"),
+    ("data.bogus=1", "data.bogus: unknown key; allowed: cold_item_share, format"),
     ("nosection.key=1", "nosection: unknown key"),
     ("run.seed=abc", "run.seed: must be an integer"),
     ("run.seed=1.5", "run.seed: must be an integer"),

