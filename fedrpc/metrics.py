@@ -127,12 +127,23 @@ def evaluate_users(score_fn: Callable[[np.ndarray], torch.Tensor], split: Split,
             ranks = _split_ranks(scores, split, batch, w, mode, sampled_negatives, seed)
             if ranks is not None:
                 sums[w] = add_sums(sums[w], metric_sums(ranks, ks))
+            if ranks is not None and split.cold_items is not None and mode == "full":
+                cold = _split_ranks(scores, split, batch, w, mode, sampled_negatives, seed,
+                                    cold_only=True)
+                sums[w] = add_sums(sums[w], {f"{COLD}{k}": v for k, v in
+                                             metric_sums(cold, ks).items() if k != "users"})
     return sums[which] if isinstance(which, str) else sums
 
 
+COLD = "cold:"
+"""Prefix of the metrics ranked among the cold items alone (data.split=cold_items: every
+held-out item is cold, so they average over the same users as the others)."""
+
+
 def _split_ranks(scores, split: Split, batch: np.ndarray, which: str, mode: str,
-                 sampled_negatives: int, seed: int):
-    """Ranks of the held-out items of `which` for the users of `batch` that have some."""
+                 sampled_negatives: int, seed: int, cold_only: bool = False):
+    """Ranks of the held-out items of `which` for the users of `batch` that have some;
+    `cold_only`: among the cold items alone (every other item is masked)."""
     ho_ptr, ho_items = split.held_out(which)
     keep = np.flatnonzero(ho_ptr[batch + 1] > ho_ptr[batch])
     if len(keep) == 0:
@@ -147,6 +158,9 @@ def _split_ranks(scores, split: Split, batch: np.ndarray, which: str, mode: str,
         return _sampled_ranks(scores, targets, excluded, split.n_items, sampled_negatives,
                               seed, batch)
     mask = torch.zeros(len(batch), split.n_items, dtype=torch.bool)
+    if cold_only:
+        mask[:] = True
+        mask[:, torch.from_numpy(split.cold_items.astype(np.int64))] = False
     for b, ex in enumerate(excluded):
         mask[b, torch.from_numpy(ex.astype(np.int64))] = True
     return target_ranks(scores, targets, mask)

@@ -33,8 +33,7 @@ SAMPLING = 0x5A  # purpose id of the participant-sampling stream
 # ---------------------------------------------------------------------- construction
 def make_backbone_from(cfg: Config) -> Backbone:
     f = cfg.fed
-    kw = {"alpha": f.alpha, "beta": f.beta} if f.backbone == "fedrap" else {}
-    return make_backbone(f.backbone, f.latent_dim, **kw)
+    return make_backbone(f.backbone, f.latent_dim, f.alpha, f.beta)
 
 
 def learning_rates(cfg: Config) -> dict[str, float]:
@@ -127,14 +126,14 @@ class GFMFR:
         fed.max_update_norm) an update norm within that many times the round's median.
         Every rejected client is counted and named in the log."""
         rejected: dict[str, list[int]] = {}
-        ok = []
+        ok, expected = [], self.upload_shapes(state)
         for rep in replies:
-            bad = [k for k, v in state.shared.items()
-                   if k not in rep.shared or rep.shared[k].dtype != v.dtype
-                   or tuple(rep.shared[k].shape) != (len(rep.users), *v.shape)]
-            if bad or set(rep.shared) != set(state.shared):
+            n = len(rep.users)
+            if set(rep.shared) != set(expected) or any(
+                    rep.shared[k].dtype != dt or tuple(rep.shared[k].shape) != (n, *shape)
+                    for k, (shape, dt) in expected.items()):
                 rejected.setdefault("shape_or_dtype", []).extend(rep.users.tolist())
-            elif len(rep.users):
+            elif n:
                 ok.append(rep)
         if not ok:
             return Admitted(None, _logged(rejected, r))
@@ -145,8 +144,9 @@ class GFMFR:
         for k, v in up.shared.items():
             flat = v.reshape(n, -1)
             finite &= torch.isfinite(flat).all(1)
-            delta += (flat - state.shared[k].reshape(1, -1)).double().pow(2).nan_to_num(
-                posinf=0.0).sum(1)
+            if k in state.shared:             # a group-only head has no global value
+                delta += (flat - state.shared[k].reshape(1, -1)).double().pow(2).nan_to_num(
+                    posinf=0.0).sum(1)
         keep = finite.clone()
         if not finite.all():
             rejected.setdefault("nonfinite", []).extend(up.users[~finite.numpy()].tolist())
@@ -164,10 +164,22 @@ class GFMFR:
             up = _select(up, keep.numpy())
         return Admitted(up, _logged(rejected, r))
 
+    def upload_shapes(self, state) -> dict[str, tuple]:
+        """Each uploaded parameter's per-client shape and dtype: the shared parameters,
+        and with GFMFR a backbone's group-only head (what the server groups by)."""
+        out = {k: (tuple(v.shape), v.dtype) for k, v in state.shared.items()}
+        if self.cfg.gfmfr.enabled:
+            n_items = state.shared[self.backbone.item_table].shape[0]
+            for p in self.backbone.private():
+                if p.name in self.backbone.group_only:
+                    out[p.name] = (p.full_shape(n_items), torch.float32)
+        return out
+
     def aggregate(self, state, up: TrainReply) -> None:
         weights = (torch.from_numpy(up.n_samples).double()
                    if self.cfg.fed.aggregation == "samples" else None)
-        state.shared = alg.mean_aggregate(up.shared, weights)
+        state.shared = alg.mean_aggregate(
+            {p.name: up.shared[p.name] for p in self.backbone.shared()}, weights)
 
     # -- grouping, fusion, teacher -------------------------------------------------
     def group_fuse_teach(self, state, up: TrainReply, r: int, t: dict) -> dict:
@@ -222,7 +234,9 @@ class GFMFR:
         paper's formula) or "head" (the whole shared scoring head, no user part)."""
         g, bb = self.cfg.gfmfr, self.backbone
         names = bb.output if kind == "output" else bb.head
-        head = {n: _group_means(up.shared[n], labels, g.groups, state.shared[n])
+        # an empty group takes the global value (the mean upload for a group-only head)
+        head = {n: _group_means(up.shared[n], labels, g.groups,
+                                state.shared[n] if n in state.shared else up.shared[n].mean(0))
                 for n in names}
         if kind == "output":
             w, b = (head[n] for n in bb.output)

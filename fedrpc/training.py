@@ -7,7 +7,9 @@ of tensor operations. Per-client semantics are kept exactly:
 - its samples are its training positives plus `num_negatives` fresh negatives each, drawn
   from its (seed, round, user) stream among the items outside its training positives;
   its epochs are shuffled by its own stream;
-- its loss is the mean over its own minibatch; its SGD step touches only its own
+- its loss is the mean over its own minibatch, and a minibatch of n < batch_size samples
+  steps with n / batch_size of the learning rate (a sample's step does not depend on how
+  many samples its client holds); its SGD step touches only its own
   parameters: dense parameters, and the table rows of its minibatch (weight decay applies
   to the parameters that take part in the step, as with the L1/MSE terms);
 - the distillation weight keeps a per-client EMA ratio.
@@ -105,6 +107,7 @@ def build_client_batches(users: np.ndarray, train_indptr: np.ndarray, train_item
 @dataclass
 class TrainOutput:
     shared: dict[str, Tensor]           # [N, ...] each client's trained shared params
+                                        # (and its backbone's group_only private params)
     loss: Tensor                        # [N] mean base loss over the client's steps
     kl: Tensor                          # [N] mean KL over the client's steps (0 if none)
     n_samples: np.ndarray
@@ -185,7 +188,12 @@ def train_clients(backbone: Backbone, global_shared: dict[str, Tensor], state: C
             sum_kl[:n] += kl.double()
         sum_base[:n] += base.detach().double()
         leaves = list(rows.values()) + list(dense.values())
-        grads = torch.autograd.grad(loss.sum(), leaves)
+        # a minibatch of n < batch_size samples steps with n / batch_size of the rate, so a
+        # sample's step does not depend on how much data its client holds: with the mean
+        # alone, a client with 25 samples took 10x the step of a full batch's sample, and
+        # the distillation term (which keeps logits off saturation) then diverged
+        step = (cnt / s.batch_size).clamp(max=1.0)
+        grads = torch.autograd.grad((loss * step).sum(), leaves)
         with torch.no_grad():
             vflat = v.reshape(-1)
             for (name, (store, _)), g in zip(tables.items(), grads[:len(rows)]):
@@ -199,6 +207,9 @@ def train_clients(backbone: Backbone, global_shared: dict[str, Tensor], state: C
     inv = torch.from_numpy(np.argsort(order, kind="stable")).to(dev)
     steps_t = torch.from_numpy(np.maximum(steps_sorted, 1)).double().to(dev)
     cpu = lambda t: t.to("cpu")        # uploads cross between ranks on the CPU
-    return TrainOutput(shared={k: cpu(v[inv]) for k, v in shared.items()},
+    # a backbone without a shared head also hands over its private head, for grouping
+    # and the group teacher only (the worker drops it when GFMFR is off)
+    heads = {k: state.private[k][slots] for k in backbone.group_only}
+    return TrainOutput(shared={k: cpu(v[inv]) for k, v in (shared | heads).items()},
                        loss=cpu((sum_base / steps_t)[inv].float()),
                        kl=cpu((sum_kl / steps_t)[inv].float()), n_samples=batch.n_samples)

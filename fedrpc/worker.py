@@ -98,8 +98,10 @@ class Worker:
             outs.append(train_clients(self.backbone, req.shared, self.state, batch, s,
                                       req.teacher, g))
         cat = lambda xs: torch.cat(xs) if len(xs) > 1 else xs[0]
-        return TrainReply(req.round, req.users,
-                          {k: cat([o.shared[k] for o in outs]) for k in outs[0].shared},
+        upload = [p.name for p in self.backbone.shared()]
+        if self.cfg.gfmfr.enabled:           # what the server groups by, if not shared
+            upload += list(self.backbone.group_only)
+        return TrainReply(req.round, req.users, {k: cat([o.shared[k] for o in outs]) for k in upload},
                           np.concatenate([o.n_samples for o in outs]),
                           cat([o.loss for o in outs]), cat([o.kl for o in outs]),
                           time.perf_counter() - t0)

@@ -15,7 +15,7 @@ def test_defaults_and_dotted_overrides(tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("data.bogus=1", "data.bogus: unknown key; allowed: format"),
+    ("data.bogus=1", "data.bogus: unknown key; allowed: cold_item_share, format"),
     ("nosection.key=1", "nosection: unknown key"),
     ("run.seed=abc", "run.seed: must be an integer"),
     ("run.seed=1.5", "run.seed: must be an integer"),
@@ -28,11 +28,26 @@ def test_defaults_and_dotted_overrides(tmp_path):
     ("data.format=movielens", "data.path: required for format 'movielens'"),
     ("run.seed", "expected section.key=value"),
     ("data.synthetic=3", "data.synthetic: must be a mapping"),
+    ("gfmfr.max_ratio=-1", "gfmfr.max_ratio: must be >= 0"),
+    ("gfmfr.max_ratio=1e-9x", "gfmfr.max_ratio: must be a number"),
+    ("gfmfr.max_ratio=nan", "gfmfr.max_ratio: must be a number"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError) as e:
         load_config(None, [override])
     assert message in str(e.value)
+
+
+def test_numbers_parse_as_users_write_them(tmp_path):
+    # YAML 1.1 reads 1e-9 (no dot) as a string; a number field takes it as a number
+    cfg = load_config(None, ["gfmfr.max_ratio=1e-9", "fed.lr=2E+1", "fed.lr_item=1_000"])
+    assert cfg.gfmfr.max_ratio == 1e-9 and cfg.fed.lr == 20.0 and cfg.fed.lr_item == 1000.0
+    p = tmp_path / "c.yaml"
+    p.write_text("gfmfr:\n  fusion_lr: 5e-4\n")
+    assert load_config(p).gfmfr.fusion_lr == 5e-4
+    # 0 switches distillation off; a string field keeps its text
+    assert load_config(None, ["gfmfr.max_ratio=0"]).gfmfr.max_ratio == 0.0
+    assert load_config(None, ["run.out_dir=1e-9"]).run.out_dir == "1e-9"
 
 
 def test_missing_and_malformed_files(tmp_path):
@@ -64,7 +79,8 @@ def test_readme_lists_every_key_with_its_current_default():
 
 
 @pytest.mark.parametrize("backbone, expected", [
-    ("fedrap", {"lr": 0.05, "lr_item": 16.0, "lr_private_item": 0.5}),
+    ("fedrap", {"lr": 5.0, "lr_item": 64.0, "lr_private_item": 0.5}),
+    ("fedrap_mlp", {"lr": 0.05, "lr_item": 16.0, "lr_private_item": 0.5}),
     ("fedavgmf", {"lr": 5.0, "lr_item": 64.0, "lr_private_item": 0.5}),
 ])
 def test_empty_learning_rates_take_the_backbones_and_set_ones_win(backbone, expected):

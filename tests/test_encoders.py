@@ -106,6 +106,10 @@ def test_precomputed_features_take_precedence(tmp_path):
     assert f.text_mask.tolist() == [True, False, True]
     assert f.info["text"]["source"] == "precomputed" and f.info["text"]["missing"] == 1
     assert f.image is None  # no images in this content
+    # backend none is the no-content ablation: it drops precomputed features too
+    off = encode_content(content, enc_cfg(tmp_path, "encoder.text.backend=none"), progress=False)
+    assert off.text is None and not off.text_mask.any()
+    assert off.info["text"]["source"] == "disabled"
 
 
 # ------------------------------------------------------------------ cache

@@ -62,7 +62,8 @@ def test_logical_bytes_equal_the_protocol_formula(tmp_path):
     run(tmp_path, "fed.workers=2")
     I = load_interactions(load_config(None, SMALL)).n_items
     d, F = 8, 4
-    shared = (I * d + 2 * d * d + d + d + 1) * F          # C + W1, b1, w2, b2
+    shared = I * d * F                                    # FedRAP shares C only
+    up = shared + (d + 1) * F                             # + its head (w_u, b_u) for grouping
     recs = [json.loads(l) for l in open(tmp_path / "rounds.jsonl")]
     for rec in recs:
         lg = rec["bytes"]["logical"]
@@ -70,11 +71,22 @@ def test_logical_bytes_equal_the_protocol_formula(tmp_path):
         assert n == 30
         down = shared + (I * F if rec["round"] >= 1 else 0)    # + g_k from round 1
         assert lg["train_down"] == {"clients": n, "mean": down, "max": down, "total": n * down}
-        assert lg["train_up"] == {"clients": n, "mean": shared, "max": shared, "total": n * shared}
+        assert lg["train_up"] == {"clients": n, "mean": up, "max": up, "total": n * up}
         phys = rec["bytes"]["physical"]
         assert set(phys) == {"0->1", "1->0", "0->2", "2->0"}
         # one copy of the shared parameters per worker crosses, not one per client
         assert phys["0->1"]["payload"] < lg["train_down"]["total"]
+    # the MLP variant shares its whole network and uploads nothing else
+    run(tmp_path / "mlp", "fed.backbone=fedrap_mlp")
+    shared = (I * d + 2 * d * d + d + d + 1) * F          # C + W1, b1, w2, b2
+    for rec in (json.loads(l) for l in open(tmp_path / "mlp" / "rounds.jsonl")):
+        down = shared + (I * F if rec["round"] >= 1 else 0)
+        assert rec["bytes"]["logical"]["train_down"]["mean"] == down
+        assert rec["bytes"]["logical"]["train_up"]["mean"] == shared
+    # without GFMFR, FedRAP uploads C alone
+    run(tmp_path / "alone", "gfmfr.enabled=false")
+    for rec in (json.loads(l) for l in open(tmp_path / "alone" / "rounds.jsonl")):
+        assert rec["bytes"]["logical"]["train_up"]["mean"] == I * d * F
 
 
 def test_server_receives_no_interactions_and_no_private_parameters(tmp_path, monkeypatch):
@@ -92,8 +104,11 @@ def test_server_receives_no_interactions_and_no_private_parameters(tmp_path, mon
     for worker, reply in received:
         private = [v for v in worker.state.private.values()]
         if isinstance(reply, TrainReply):
-            assert set(reply.shared) == {p.name for p in worker.backbone.shared()}
-            for t in reply.shared.values():
+            # shared parameters, and the head the backbone declares for grouping (README)
+            declared = set(worker.backbone.group_only)
+            assert set(reply.shared) == {p.name for p in worker.backbone.shared()} | declared
+            assert declared <= {"w", "b"}                        # never an item table
+            for t in (v for k, v in reply.shared.items() if k not in declared):
                 for p in private:
                     assert t.shape[1:] != p.shape[1:] or not torch.equal(t, p[:len(t)])
             # the reply carries no item ids: nothing that says which items a user touched
@@ -123,8 +138,9 @@ def test_a_failing_worker_is_named(tmp_path, monkeypatch):
 
 
 def test_group_fusion_distillation_beats_its_backbone_on_the_quickstart_data(tmp_path):
-    """The plugged-in distillation improves FedAvg-MF clearly (measured: test HR@10 0.30 ->
-    0.39 at round 60). Not asserted: that the gain comes from the item content — a
+    """The plugged-in distillation improves FedAvg-MF (measured: test HR@10 0.307 -> 0.340,
+    NDCG@10 0.170 -> 0.190 at round 60; 0.300 -> 0.387 before a client's partial minibatch
+    took a proportionally smaller step, see fedrpc.training). Not asserted: that the gain comes from the item content — a
     teacher built with no content features gains as much (README, "What GFMFR's gain is
     made of")."""
     base = ["fed.backbone=fedavgmf", "fed.rounds=60", "eval.interval=10",
@@ -133,5 +149,34 @@ def test_group_fusion_distillation_beats_its_backbone_on_the_quickstart_data(tmp
     alone = run_local(load_config(quickstart,
                                   base + ["gfmfr.enabled=false", f"run.out_dir={tmp_path / 'a'}"]))
     fused = run_local(load_config(quickstart, base + [f"run.out_dir={tmp_path / 'g'}"]))
-    assert fused["test"]["HR@10"] >= alone["test"]["HR@10"] + 0.05
-    assert fused["test"]["NDCG@10"] >= alone["test"]["NDCG@10"] + 0.03
+    assert fused["test"]["HR@10"] >= alone["test"]["HR@10"] + 0.02
+    assert fused["test"]["NDCG@10"] >= alone["test"]["NDCG@10"] + 0.01
+
+
+def _gfmfr_folder(folder, string_ids: bool, features: bool):
+    rng = np.random.default_rng(0)
+    folder.mkdir()
+    lines = ["user_id,item_id,timestamp"]
+    for u in range(20):
+        for t, i in enumerate(rng.choice(30, size=8, replace=False)):
+            lines.append(f"{'A%03dX' % u if string_ids else u},{'B%04d' % i if string_ids else i},{t}")
+    (folder / "inter.csv").write_text("\n".join(lines) + "\n")
+    if features:
+        np.save(folder / "text_features.npy", rng.normal(size=(30, 6)).astype(np.float32))
+    return folder
+
+
+def test_gfmfr_runs_on_id_only_and_string_id_folders(tmp_path):
+    """An interactions-only gfmfr folder (string ids) runs GFMFR with no content, and
+    backend none drops the precomputed features of a folder that has them."""
+    common = ["data.format=gfmfr", "fed.rounds=2", "eval.interval=2"]
+    ids = _gfmfr_folder(tmp_path / "ids", string_ids=True, features=False)
+    s = run(tmp_path / "a", f"data.path={ids}", *common)
+    assert s["rounds_run"] == 2 and s["test"]["users"] == 20
+    assert s["features"]["text"]["source"] == "absent"
+    feats = _gfmfr_folder(tmp_path / "feats", string_ids=False, features=True)
+    on = run(tmp_path / "b", f"data.path={feats}", *common)
+    assert on["features"]["text"]["source"] == "precomputed"
+    off = run(tmp_path / "c", f"data.path={feats}", *common, "encoder.text.backend=none",
+              "encoder.image.backend=none")
+    assert off["features"]["text"]["source"] == "disabled"

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedrpc.data.prepare import _split_from_labels
+from fedrpc.data.prepare import split_from_labels
 from fedrpc.data.types import Interactions
 from fedrpc.metrics import add_sums, evaluate_users, finalize, metric_sums, target_ranks
 
@@ -79,7 +79,7 @@ def _tiny_split():
     item = np.array([0, 1, 2, 3, 4, 0, 1])
     label = np.array([0, 0, 1, 2, 0, 1, 2])
     inter = Interactions(user, item, np.arange(7), np.array([10, 11]), np.arange(6))
-    return _split_from_labels(inter, label)
+    return split_from_labels(inter, label)
 
 
 def test_full_ranking_masks_train_and_the_other_split():

@@ -14,14 +14,15 @@ import numpy as np
 
 from ..config import Config, DataConfig
 from . import readers
-from .prepare import deduplicate, k_core, leave_one_out, predefined_split, remap
+from .prepare import (cold_item_labels, deduplicate, k_core, keep_recent_train, loo_labels,
+                      remap, split_from_labels)
 from .synthetic import generate
 from .types import DataError, Interactions, ItemContent, Split
 
-ID_BASE = {"movielens": 1, "gfmfr": 0, "mmrec": 0, "synthetic": 1}
+ID_BASE = {"movielens": 1, "gfmfr": 0, "mmrec": 0, "synthetic": 1, "amazon": 0}
 FEATURE_FILES = {"gfmfr": ("text_features.npy", "image_features.npy"),
                  "mmrec": ("text_feat.npy", "image_feat.npy"),
-                 "movielens": ("", ""), "synthetic": ("", "")}
+                 "movielens": ("", ""), "synthetic": ("", ""), "amazon": ("", "")}
 
 
 @dataclass
@@ -55,20 +56,33 @@ def _raw_interactions(cfg: Config) -> dict:
         return readers.read_movielens_interactions(folder)
     if d.format == "gfmfr":
         return readers.read_gfmfr_interactions(folder)
+    if d.format == "amazon":
+        return readers.read_amazon_interactions(folder, d.name)
     return readers.read_mmrec_interactions(folder, d.name)
 
 
+def string_ids(ids: np.ndarray) -> bool:
+    return ids.dtype.kind in "US"
+
+
 def load_interactions(cfg: Config) -> Interactions:
-    """Read, de-duplicate, k-core filter and remap the interactions."""
+    """Read, de-duplicate, k-core filter and remap the interactions. String ids (ASINs,
+    hashed user ids) are mapped to contiguous ids like integer ones, and kept."""
     raw = _raw_interactions(cfg)
     n_raw = len(raw["user"])
-    id_space = (cfg.data.synthetic.items if cfg.data.format == "synthetic"
-                else int(raw["item"].max()) - ID_BASE[cfg.data.format] + 1)
-    if raw["item"].min() < ID_BASE[cfg.data.format] or raw["user"].min() < 0:
-        raise DataError(f"{cfg.data.path or 'synthetic data'}: ids below "
-                        f"{ID_BASE[cfg.data.format]} in {cfg.data.format} data")
+    base = ID_BASE[cfg.data.format]
+    if string_ids(raw["item"]):         # feature rows have no id order to follow
+        id_space = len(np.unique(raw["item"]))
+    else:
+        id_space = (cfg.data.synthetic.items if cfg.data.format == "synthetic"
+                    else int(raw["item"].max()) - base + 1)
+        if raw["item"].min() < base:
+            raise DataError(f"{cfg.data.path or 'synthetic data'}: item ids below {base} in "
+                            f"{cfg.data.format} data")
+    if not string_ids(raw["user"]) and raw["user"].min() < 0:
+        raise DataError(f"{cfg.data.path}: negative user ids in {cfg.data.format} data")
     raw, dups = deduplicate(raw)
-    raw = k_core(raw, cfg.data.min_user_interactions, cfg.data.min_item_interactions)
+    raw = k_core(raw, *cfg.data.k_core())
     stats = {"raw_interactions": n_raw, "duplicates_dropped": dups, "id_space": id_space}
     return remap(raw, stats)
 
@@ -78,7 +92,19 @@ def catalogue_of(cfg: Config, inter: Interactions) -> Catalogue:
 
 
 def split_of(cfg: Config, inter: Interactions) -> Split:
-    return predefined_split(inter) if cfg.data.split == "predefined" else leave_one_out(inter)
+    """The configured split (data.split), then data.max_train_per_user."""
+    d, cold = cfg.data, None
+    if d.split == "predefined":
+        if inter.label is None:
+            raise DataError("data.split=predefined needs a split column in the data")
+        label = inter.label
+    elif d.split == "cold_items":
+        label, cold = cold_item_labels(inter, d.cold_item_share, cfg.run.seed)
+    else:
+        label = loo_labels(inter)
+    if d.max_train_per_user:
+        label = keep_recent_train(inter, label, d.max_train_per_user)
+    return split_from_labels(inter, label, cold)
 
 
 def _feature_path(cfg: DataConfig, which: int) -> str:
@@ -96,28 +122,31 @@ def _feature_path(cfg: DataConfig, which: int) -> str:
 def load_item_content(cfg: Config, cat: Catalogue) -> ItemContent:
     """The server's view: texts, images and precomputed features of the catalogue items."""
     d = cfg.data
-    rows = cat.item_ids - cat.id_base
     if d.format == "synthetic":
         content = generate(d.synthetic, cfg.run.seed)[1]
-        keep = rows  # synthetic ids are 1..I, rows 0..I-1
+        keep = cat.item_ids - cat.id_base  # synthetic ids are 1..I, rows 0..I-1
         content = ItemContent(cat.item_ids, [content.texts[r] for r in keep],
                               [content.images[r] for r in keep], stats=content.stats)
     elif d.format == "movielens":
         texts, images, stats = readers.read_movielens_content(
             _folder(d), cat.item_ids, d.tmdb_csv, d.posters)
         content = ItemContent(cat.item_ids, texts, images, stats=stats)
+    elif d.format == "amazon":
+        texts, images, stats = readers.read_amazon_content(_folder(d), d.name, cat.item_ids,
+                                                           d.images)
+        content = ItemContent(cat.item_ids, texts, images, stats=stats)
     else:
         _folder(d)
-        content = ItemContent(cat.item_ids)
+        content = ItemContent(cat.item_ids)   # no feature files: an ID-only dataset
     for which, attr in ((0, "text_features"), (1, "image_features")):
         path = _feature_path(d, which)
-        if path:
-            full = readers.read_feature_matrix(Path(path), cat.id_space,
-                                               ("text", "image")[which])
-            setattr(content, attr, full[rows])
-    if d.format in ("gfmfr", "mmrec") and content.text_features is None \
-            and content.image_features is None:
-        raise DataError(f"{d.path}: no item features found for format {d.format!r}")
+        if not path:
+            continue
+        if string_ids(cat.item_ids):
+            raise DataError(f"{path}: feature rows follow integer item ids; this data has "
+                            "string item ids, so the rows cannot be matched to items")
+        full = readers.read_feature_matrix(Path(path), cat.id_space, ("text", "image")[which])
+        setattr(content, attr, full[cat.item_ids - cat.id_base])
     return content
 
 

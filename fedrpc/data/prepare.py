@@ -52,21 +52,19 @@ def csr_by_user(n_users: int, users: np.ndarray, items: np.ndarray) -> tuple[np.
     return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), items[order].astype(np.int64)
 
 
-def _split_from_labels(inter: Interactions, label: np.ndarray) -> Split:
+def split_from_labels(inter: Interactions, label: np.ndarray,
+                      cold_items: np.ndarray | None = None) -> Split:
+    """The split of labelled interactions: 0 train, 1 valid, 2 test (others dropped)."""
     parts = {}
     for name, code in (("train", 0), ("valid", 1), ("test", 2)):
         m = label == code
         parts[f"{name}_indptr"], parts[f"{name}_items"] = csr_by_user(inter.n_users, inter.user[m],
                                                                inter.item[m])
-    return Split(inter.n_users, inter.n_items, **parts)
+    return Split(inter.n_users, inter.n_items, **parts, cold_items=cold_items)
 
 
-def leave_one_out(inter: Interactions) -> Split:
-    """Per user by time: latest = test, second latest = valid, the rest = train.
-
-    Ties in time are broken by file order (the later line is the later interaction).
-    Users with fewer than 3 interactions keep everything in train.
-    """
+def loo_labels(inter: Interactions) -> np.ndarray:
+    """Leave-one-out labels (see `leave_one_out`)."""
     n = len(inter)
     order = np.lexsort((np.arange(n), inter.timestamp, inter.user))
     users = inter.user[order]
@@ -79,10 +77,39 @@ def leave_one_out(inter: Interactions) -> Split:
     label_sorted[eligible & (pos_from_end == 1)] = 1
     label = np.empty(n, dtype=np.int64)
     label[order] = label_sorted
-    return _split_from_labels(inter, label)
+    return label
 
 
-def predefined_split(inter: Interactions) -> Split:
-    if inter.label is None:
-        raise DataError("data.split=predefined needs a split column in the data")
-    return _split_from_labels(inter, inter.label)
+def cold_item_labels(inter: Interactions, share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, cold items): a seeded `share` of the items (at least one) is cold: every
+    interaction with a cold item is held out, each one to validation or test by a seeded
+    fair coin; every other interaction trains. Training never sees a cold item."""
+    rng = np.random.default_rng([seed, 0xC01D])
+    n_cold = min(inter.n_items, max(1, int(round(share * inter.n_items))))
+    cold = np.sort(rng.choice(inter.n_items, size=n_cold, replace=False))
+    is_cold = np.isin(inter.item, cold)
+    label = np.zeros(len(inter), dtype=np.int64)
+    label[is_cold] = 1 + rng.integers(0, 2, size=int(is_cold.sum()))
+    return label, cold
+
+
+def keep_recent_train(inter: Interactions, label: np.ndarray, k: int) -> np.ndarray:
+    """Labels where only each user's `k` most recent training interactions still train
+    (the older ones are dropped: label -1). Ties in time: the later line is more recent."""
+    label = label.copy()
+    train = np.flatnonzero(label == 0)
+    order = train[np.lexsort((-train, -inter.timestamp[train], inter.user[train]))]
+    users = inter.user[order]
+    first = np.concatenate([[0], np.flatnonzero(users[1:] != users[:-1]) + 1])
+    starts = np.repeat(first, np.diff(np.concatenate([first, [len(order)]])))
+    label[order[np.arange(len(order)) - starts >= k]] = -1
+    return label
+
+
+def leave_one_out(inter: Interactions) -> Split:
+    """Per user by time: latest = test, second latest = valid, the rest = train.
+
+    Ties in time are broken by file order (the later line is the later interaction).
+    Users with fewer than 3 interactions keep everything in train.
+    """
+    return split_from_labels(inter, loo_labels(inter))

@@ -54,6 +54,9 @@ class Split:
     valid_items: np.ndarray
     test_indptr: np.ndarray
     test_items: np.ndarray
+    cold_items: Optional[np.ndarray] = None
+    """data.split=cold_items: the items training never sees (evaluation also ranks among
+    them alone); None otherwise."""
 
     def train_of(self, u: int) -> np.ndarray:
         return self.train_items[self.train_indptr[u]:self.train_indptr[u + 1]]

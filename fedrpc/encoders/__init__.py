@@ -5,8 +5,9 @@
     features.image  # [I, D_v] float32 or None       features.image_mask  # bool [I]
 
 Only the server rank calls this; clients never load an encoder. Per modality, in order:
-precomputed features in `ItemContent` win (mask = non-zero rows); backend `none` or
-content without that modality gives None; otherwise the configured backend encodes the
+backend `none` gives None (no features, precomputed ones included: the no-content
+ablation); precomputed features in `ItemContent` win (mask = non-zero rows); content
+without that modality gives None; otherwise the configured backend encodes the
 items that have content (an item without text/image gets a zero row and mask False),
 through the on-disk cache (`cache.py`). Importing this package imports no model library;
 the neural backends import theirs when they run.
@@ -85,10 +86,10 @@ def _modality(modality: str, raw: Optional[Sequence], pre: Optional[np.ndarray],
               cfg: EncoderConfig, n: int, progress: bool, memo: dict):
     where = f"encoder.{modality}"
     no_mask = np.zeros(n, dtype=bool)
+    if spec.backend == "none":           # the no-content ablation: precomputed ones too
+        return None, no_mask, {"source": "disabled", "backend": "none"}
     if pre is not None:
         return _precomputed(modality, pre, n)
-    if spec.backend == "none":
-        return None, no_mask, {"source": "disabled", "backend": "none"}
     if raw is None:
         log.info("%s: the data has no item %ss; no %s features", where, modality, modality)
         return None, no_mask, {"source": "absent", "backend": spec.backend}

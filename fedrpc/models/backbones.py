@@ -7,9 +7,13 @@ the client), and which are *tables* (indexed by item; only the rows of a minibat
 part in a step). Its forward works on the gathered rows of one minibatch per client.
 
 Backbones (score = sigmoid(logit)):
-- fedrap:   logit = w2 . ReLU(W1 [e_u ; P_u[i] + C[i]] + b1) + b2
-            shared C, W1, b1, w2, b2; private e_u, P_u. Regulariser
-            -alpha * MSE(P_u[B], C[B]) + beta * mean|C[B]|.
+- fedrap:   (the original FedRAP, Li et al., ICLR 2024) logit = w_u . (P_u[i] + C[i]) + b_u
+            shared C only; private affine head (w_u, b_u) and item table P_u.
+            Regulariser -alpha * MSE(P_u[B], C[B]) + beta * mean|C[B]|.
+            No shared head: with GFMFR the client also uploads (w_u, b_u) for grouping
+            and the group teacher only (`group_only`); they are never aggregated.
+- fedrap_mlp: (the GFMFR reference code's variant) logit = w2 . ReLU(W1 [e_u ; P_u[i] + C[i]] + b1) + b2
+            shared C, W1, b1, w2, b2; private e_u, P_u; the same regulariser.
 - fedncf:   logit = w2 . ReLU(W1 [e_u ; Q[i]] + b1) + b2; shared Q, W1, b1, w2, b2;
             private e_u.
 - fedavgmf: (FCF) logit = (e_u + w) . Q[i] + b; shared Q, w, b; private e_u.
@@ -62,6 +66,7 @@ class Backbone:
     head: tuple[str, ...] = ()        # shared dense params the server groups clients by
     output: tuple[str, str] = ("", "")  # (w_out [d], b_out [1]) for the teacher
     item_table = ""                   # the shared item table the fusion targets
+    group_only: tuple[str, ...] = ()  # private params uploaded for grouping/teacher only
     # SGD rates used when fed.lr / fed.lr_item / fed.lr_private_item are left empty
     rates = {"lr": 0.05, "lr_item": 16.0, "lr_private_item": 0.5}
 
@@ -155,23 +160,13 @@ class _DotScorer(Backbone):
         return torch.bmm(F, head["w"].unsqueeze(-1)).squeeze(-1) + head["b"]
 
 
-class FedRAP(_MLPScorer):
-    name = "fedrap"
-    item_table = "C"
+class _IndependenceRegulariser(Backbone):
+    """FedRAP's regulariser on a private item table P and the shared table C."""
+    takes_alpha_beta = True
 
     def __init__(self, d: int, alpha: float = 0.1, beta: float = 0.1):
         super().__init__(d)
         self.alpha, self.beta = alpha, beta
-
-    def params(self):
-        d = self.d
-        return [Param("C", ("I", d), True, table=True), Param("W1", (d, 2 * d), True, init="xavier"),
-                Param("b1", (d,), True, init="zeros"), Param("w2", (d,), True, std=0.1),
-                Param("b2", (1,), True, init="zeros"),
-                Param("e", (d,), False), Param("P", ("I", d), False, table=True)]
-
-    def logits(self, rows, dense):
-        return _mlp_logits(dense["e"], rows["P"] + rows["C"], dense)
 
     def regulariser(self, rows, dense, valid, round_):
         # FedRAP anneals both weights from their initial values: tanh(round/10) * w0.
@@ -182,6 +177,48 @@ class FedRAP(_MLPScorer):
         mse = ((diff * diff).sum(-1) * vf).sum(1) / n
         l1 = (rows["C"].abs().sum(-1) * vf).sum(1) / n
         return ramp * (self.beta * l1 - self.alpha * mse)
+
+
+class FedRAP(_IndependenceRegulariser):
+    """The original FedRAP: a private affine head over P_u[i] + C[i]; only C is shared."""
+    name = "fedrap"
+    item_table = "C"
+    head = ("w", "b")
+    output = ("w", "b")
+    group_only = ("w", "b")
+    # measured on ML-100K (README, "Learning rates"): the head's gradient is a mean over
+    # its minibatch, so it needs a large rate; P_u at the shared table's rate (64)
+    # memorises the training items and ranks held-out ones below popularity
+    rates = {"lr": 5.0, "lr_item": 64.0, "lr_private_item": 0.5}
+
+    def params(self):
+        d = self.d
+        return [Param("C", ("I", d), True, table=True, std=0.1),
+                Param("w", (d,), False, std=0.1), Param("b", (1,), False, init="zeros"),
+                Param("P", ("I", d), False, table=True, init="zeros")]
+
+    def logits(self, rows, dense):
+        x = rows["P"] + rows["C"]
+        return torch.bmm(x, dense["w"].unsqueeze(-1)).squeeze(-1) + dense["b"]
+
+    def group_logits(self, F, head):
+        return torch.bmm(F, head["w"].unsqueeze(-1)).squeeze(-1) + head["b"]
+
+
+class FedRAPMLP(_IndependenceRegulariser, _MLPScorer):
+    """The GFMFR reference code's FedRAP: an MLP over [e_u ; P_u[i] + C[i]]."""
+    name = "fedrap_mlp"
+    item_table = "C"
+
+    def params(self):
+        d = self.d
+        return [Param("C", ("I", d), True, table=True), Param("W1", (d, 2 * d), True, init="xavier"),
+                Param("b1", (d,), True, init="zeros"), Param("w2", (d,), True, std=0.1),
+                Param("b2", (1,), True, init="zeros"),
+                Param("e", (d,), False), Param("P", ("I", d), False, table=True)]
+
+    def logits(self, rows, dense):
+        return _mlp_logits(dense["e"], rows["P"] + rows["C"], dense)
 
 
 class FedNCF(_MLPScorer):
@@ -226,12 +263,13 @@ class PFedRec(_DotScorer):
 
 
 BACKBONES: dict[str, Callable[..., Backbone]] = {
-    "fedrap": FedRAP, "fedncf": FedNCF, "fedavgmf": FedAvgMF, "pfedrec": PFedRec}
+    "fedrap": FedRAP, "fedrap_mlp": FedRAPMLP, "fedncf": FedNCF, "fedavgmf": FedAvgMF,
+    "pfedrec": PFedRec}
 
 
-def make_backbone(name: str, d: int, **kw) -> Backbone:
+def make_backbone(name: str, d: int, alpha: float = 0.1, beta: float = 0.1) -> Backbone:
+    """Backbone `name` with latent size d; alpha, beta weigh FedRAP's regulariser."""
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
-    if name == "fedrap":
-        return FedRAP(d, **kw)
-    return BACKBONES[name](d)
+    cls = BACKBONES[name]
+    return cls(d, alpha, beta) if getattr(cls, "takes_alpha_beta", False) else cls(d)
