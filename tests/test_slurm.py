@@ -64,6 +64,7 @@ class Job:
                    "PYTHONPATH": str(REPO), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
                    "TP_SOCKET_IFNAME": "lo", "GLOO_SOCKET_IFNAME": "lo",
                    "FEDRPC_TEST_TAG": self.tag, **env}
+        self.env = run_env
         cmd = ["sbatch", "--wait", "--parsable", f"--output={self.log}", *sbatch_opts,
                f"slurm/{script}", "configs/quickstart.yaml", *SMALL, f"run.out_dir={out}",
                *overrides]
@@ -182,3 +183,41 @@ def test_a_worker_killed_mid_run_under_sbatch_is_named_and_the_job_ends(slurm, t
         text[-3000:]
     assert len(rounds(out)) < 200
     assert time.monotonic() - killed["at"] < 10 + 60
+
+
+def _requeue_when_running(out: Path, done: dict):
+    """`scontrol requeue` the job once the run has logged a round (what the scripts do
+    themselves 60 s before the time limit)."""
+    def on_start(job: Job):
+        deadline = time.monotonic() + JOB_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if (out / "rounds.jsonl").exists() and (out / "rounds.jsonl").read_text():
+                ids = subprocess.run(["squeue", "-h", "-o", "%i"], env=job.env, text=True,
+                                     capture_output=True, timeout=30).stdout.split()
+                if ids:
+                    subprocess.run(["scontrol", "requeue", ids[0]], env=job.env, timeout=30,
+                                   check=True)
+                    done["job"] = ids[0]
+                    return
+            time.sleep(0.1)
+    return on_start
+
+
+@pytest.mark.timeout(2 * JOB_TIMEOUT_S + 120)
+def test_a_requeued_job_resumes_from_its_checkpoint_with_the_same_numbers(slurm, tmp_path):
+    over = ["fed.rounds=40", "run.checkpoint_every=0", "eval.interval=10"]
+    ref = tmp_path / "ref"
+    run_local(load_config(None, SMALL + over + [f"run.out_dir={ref}"]))
+    out, done = tmp_path / "run", {}
+    opts, env = SCRIPTS["single_node.sbatch"]
+    job = Job(slurm, "single_node.sbatch", out, opts, env, over,
+              on_start=_requeue_when_running(out, done))
+    assert done, "the job was never seen running"
+    assert job.leftovers == []
+    text = job.text()
+    assert job.returncode == 0, f"{job.stderr}\n{text[-3000:]}\n{slurm.logs()[-2000:]}"
+    # the first start stopped after a checkpoint; the second resumed from it
+    assert list((out / "checkpoints").iterdir()), "no checkpoint was written"
+    assert "resumed from" in text or "run.resume=auto" in text
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("seconds", "bytes")} for r in rs]
+    assert strip(rounds(out)) == strip(rounds(ref))
