@@ -25,6 +25,7 @@ asks by default); a worker that hears nothing from its server for long stops on 
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
@@ -158,15 +159,8 @@ class MpiTransport(Transport):
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> float:
         """Initialise MPI, check that it sees the ranks the launcher started, learn where
-        every rank runs (bounded by the start-up timeout), start the heartbeat."""
+        every rank runs, start the heartbeat; all of it bounded by the start-up timeout."""
         t0 = time.perf_counter()
-        self.MPI = load_mpi()
-        self.comm = self.MPI.COMM_WORLD
-        if (self.comm.Get_rank(), self.comm.Get_size()) != (self.rank, self.world_size):
-            raise ConfigError(f"fed.transport: mpi: MPI sees rank {self.comm.Get_rank()} of "
-                              f"{self.comm.Get_size()} but the launcher set rank {self.rank} "
-                              f"of {self.world_size}: launch with mpiexec -n N or "
-                              f"srun --mpi=pmi2")
         me = f"{rank_name(self.rank)} (rank {self.rank})"
         watchdog = threading.Timer(self.control_timeout_s, self.abort, args=(
             1, f"{me}: MPI start-up did not complete within runtime.startup_timeout_s="
@@ -174,6 +168,13 @@ class MpiTransport(Transport):
         watchdog.daemon = True
         watchdog.start()
         try:
+            self.MPI = load_mpi()
+            self.comm = self.MPI.COMM_WORLD
+            if (self.comm.Get_rank(), self.comm.Get_size()) != (self.rank, self.world_size):
+                raise ConfigError(f"fed.transport: mpi: MPI sees rank {self.comm.Get_rank()} "
+                                  f"of {self.comm.Get_size()} but the launcher set rank "
+                                  f"{self.rank} of {self.world_size}: launch with mpiexec -n N "
+                                  f"or srun --mpi=pmi2")
             where = self.comm.allgather((os.getpid(), socket.gethostname()))
         finally:
             watchdog.cancel()
@@ -243,26 +244,24 @@ class MpiTransport(Transport):
         deadline = time.monotonic() + timeout
         sends, down, out = {}, {}, {}
         for rank in sorted(requests):
-            reqs, keep, down[rank] = self._isend(requests[rank], rank)
+            with self._talking_to(rank, timeout):
+                reqs, keep, down[rank] = self._isend(requests[rank], rank)
             sends[rank] = (reqs, keep)
         pause = 5e-5
         while len(out) < len(requests) or sends:
             progressed = False
-            for rank in sorted(set(requests) - set(out)):
-                try:
-                    got = self._try_recv(rank, deadline)
-                except _Late:
-                    raise WorkerError(rank, self._late(timeout)) from None
+            for rank in sorted(set(requests) - set(out) | set(sends)):
+                with self._talking_to(rank, timeout):
+                    if rank in sends and self.MPI.Request.Testall(sends[rank][0]):
+                        del sends[rank]
+                        progressed = True
+                    got = None if rank in out else self._try_recv(rank, deadline)
                 if got is None:
                     continue
                 reply, up = got
                 if isinstance(reply, RemoteFailure):
                     raise WorkerError(rank, f"{reply.kind}: {reply.message} ({self._where})")
                 out[rank] = (reply, down[rank], up)
-                progressed = True
-            for rank in [r for r, (reqs, _) in sends.items()
-                         if self.MPI.Request.Testall(reqs)]:
-                del sends[rank]
                 progressed = True
             if time.monotonic() >= deadline and (len(out) < len(requests) or sends):
                 late = min((set(requests) - set(out)) | set(sends))
@@ -271,6 +270,19 @@ class MpiTransport(Transport):
             if not progressed:
                 time.sleep(pause)
         return out
+
+    @contextlib.contextmanager
+    def _talking_to(self, rank: int, timeout: float):
+        """MPI's failures while exchanging with `rank` (e.g. it died mid-transfer) and a
+        late message become a WorkerError naming it."""
+        try:
+            yield
+        except _Late:
+            raise WorkerError(rank, self._late(timeout)) from None
+        except self.MPI.Exception as e:
+            raise WorkerError(rank, f"the rank died or is unreachable: MPI error class "
+                                    f"{e.Get_error_class()} while exchanging with it "
+                                    f"({self._where})") from e
 
     def _late(self, timeout: float) -> str:
         return super()._late(timeout, ": it hangs or died")
