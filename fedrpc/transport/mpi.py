@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 TAG_MSG, TAG_BUF, TAG_BEAT = 11, 12, 13
 HEARTBEAT_S = 2.0            # how often the server tells its workers it is alive
 ABORT_TIMEOUT_S = 5.0        # how long an aborting server waits for its Abort sends
+LAUNCHER_GRACE_S = 0.5       # time for mpiexec/srun to forward a rank's last words
 MAX_PAUSE_S = 0.005          # longest sleep between two polls
 
 
@@ -143,6 +144,7 @@ class MpiTransport(Transport):
         self._beating = threading.Event()
         self._beat_thread: Optional[threading.Thread] = None
         self.ranks_at: list[tuple[int, str]] = []
+        self._told_to_stop = False           # a worker that received the server's Abort
         self.MPI = None
         self.comm = None
 
@@ -207,10 +209,15 @@ class MpiTransport(Transport):
         return False
 
     def abort(self, code: int, message: str) -> NoReturn:
-        """Say why, then end every rank of the job (MPI.COMM_WORLD.Abort)."""
+        """Say why, then end every rank of the job (MPI.COMM_WORLD.Abort). A worker the
+        server told to stop leaves the Abort to the server, which is about to call it:
+        its own would end the job before the server's message is out."""
         report_error(message)
         if self.MPI is None:
             os._exit(code)
+        if self._told_to_stop:
+            time.sleep(ABORT_TIMEOUT_S + LAUNCHER_GRACE_S)    # the server's Abort ends us
+        time.sleep(LAUNCHER_GRACE_S)         # let the launcher forward the message first
         self.MPI.COMM_WORLD.Abort(code)
         os._exit(code)
 
@@ -344,6 +351,7 @@ class MpiTransport(Transport):
                     continue
                 msg, pause, heard = got[0], 5e-5, time.monotonic()
                 if isinstance(msg, Abort):
+                    self._told_to_stop = True
                     return False, aborted(failed, msg.reason)
                 reply, raised = answer(worker, error, msg)
                 failed |= raised
