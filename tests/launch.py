@@ -10,6 +10,8 @@ import time
 import uuid
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["data.synthetic.users=30", "data.synthetic.items=50",
          "data.synthetic.mean_interactions=10", "data.synthetic.min_interactions=5",
@@ -101,3 +103,16 @@ def rounds(out: Path) -> list[dict]:
 def assert_clean(launch: Launch) -> None:
     assert launch.leftovers == [], f"processes left running: {launch.leftovers}"
     assert all(p.poll() is not None for p in launch.procs)
+
+
+SHM = Path("/dev/shm")
+
+
+@pytest.fixture
+def mpich_shm_cleanup():
+    """Remove the shared-memory segments MPICH jobs of this test left behind (a job that
+    ends with MPI_Abort or a SIGKILLed rank does not unlink its own)."""
+    before = set(SHM.glob("mpich_shm_*"))
+    yield
+    for f in set(SHM.glob("mpich_shm_*")) - before:
+        f.unlink(missing_ok=True)

@@ -8,6 +8,7 @@ ranks than cores need `--overcommit`.
 """
 import logging
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -64,6 +65,9 @@ class Cluster:
         r = self.root
         self.conf.write_text("\n".join([
             "ClusterName=fedrpctest", f"SlurmctldHost={self.host}",
+            # job ids never seen before: MPICH names its shared memory after the job and
+            # step, and a segment an aborted job left behind must not meet a new job
+            f"FirstJobId={random.randrange(10**5, 6 * 10**7)}",
             "SlurmUser=root", "SlurmdUser=root",
             f"SlurmctldPort={_free_port()}", f"SlurmdPort={_free_port()}",
             "AuthType=auth/munge", "CredType=cred/munge", f"AuthInfo=socket={self.socket}",

@@ -17,7 +17,7 @@ from fedrpc.config import ConfigError, load_config
 from fedrpc.messages import TrainReply, TrainRequest
 from fedrpc.runtime import launch_info, run_local
 from fedrpc.transport.mpi import buffer_sizes, decode, encode, wire_bytes
-from launch import REPO, SMALL, Launch, assert_clean, rounds
+from launch import REPO, SMALL, Launch, assert_clean, mpich_shm_cleanup, rounds  # noqa: F401
 
 MPIEXEC = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or \
     shutil.which("mpiexec")
@@ -25,6 +25,7 @@ needs_mpiexec = pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec: pip inst
                                                           "'fedrpc[mpi]' (mpi4py, mpich)")
 
 
+pytestmark = pytest.mark.usefixtures("mpich_shm_cleanup")
 def mpiexec(n: int, out: Path, *overrides: str, entry=("-m", "fedrpc"), env=None,
             transport="mpi") -> Launch:
     cmd = [MPIEXEC, "-n", str(n), sys.executable, *entry, "run", "configs/quickstart.yaml",

@@ -25,6 +25,7 @@ asks by default); a worker that hears nothing from its server for long stops on 
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
@@ -48,6 +49,7 @@ log = logging.getLogger(__name__)
 TAG_MSG, TAG_BUF, TAG_BEAT = 11, 12, 13
 HEARTBEAT_S = 2.0            # how often the server tells its workers it is alive
 ABORT_TIMEOUT_S = 5.0        # how long an aborting server waits for its Abort sends
+LAUNCHER_GRACE_S = 0.5       # time for mpiexec/srun to forward a rank's last words
 MAX_PAUSE_S = 0.005          # longest sleep between two polls
 
 
@@ -144,6 +146,7 @@ class MpiTransport(Transport):
         self._beating = threading.Event()
         self._beat_thread: Optional[threading.Thread] = None
         self.ranks_at: list[tuple[int, str]] = []
+        self._told_to_stop = False           # a worker that received the server's Abort
         self.MPI = None
         self.comm = None
 
@@ -160,15 +163,8 @@ class MpiTransport(Transport):
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> float:
         """Initialise MPI, check that it sees the ranks the launcher started, learn where
-        every rank runs (bounded by the start-up timeout), start the heartbeat."""
+        every rank runs, start the heartbeat; all of it bounded by the start-up timeout."""
         t0 = time.perf_counter()
-        self.MPI = load_mpi()
-        self.comm = self.MPI.COMM_WORLD
-        if (self.comm.Get_rank(), self.comm.Get_size()) != (self.rank, self.world_size):
-            raise ConfigError(f"fed.transport: mpi: MPI sees rank {self.comm.Get_rank()} of "
-                              f"{self.comm.Get_size()} but the launcher set rank {self.rank} "
-                              f"of {self.world_size}: launch with mpiexec -n N or "
-                              f"srun --mpi=pmi2")
         me = f"{rank_name(self.rank)} (rank {self.rank})"
         watchdog = threading.Timer(self.control_timeout_s, self.abort, args=(
             1, f"{me}: MPI start-up did not complete within runtime.startup_timeout_s="
@@ -176,6 +172,13 @@ class MpiTransport(Transport):
         watchdog.daemon = True
         watchdog.start()
         try:
+            self.MPI = load_mpi()
+            self.comm = self.MPI.COMM_WORLD
+            if (self.comm.Get_rank(), self.comm.Get_size()) != (self.rank, self.world_size):
+                raise ConfigError(f"fed.transport: mpi: MPI sees rank {self.comm.Get_rank()} "
+                                  f"of {self.comm.Get_size()} but the launcher set rank "
+                                  f"{self.rank} of {self.world_size}: launch with mpiexec -n N "
+                                  f"or srun --mpi=pmi2")
             where = self.comm.allgather((os.getpid(), socket.gethostname()))
         finally:
             watchdog.cancel()
@@ -208,10 +211,15 @@ class MpiTransport(Transport):
         return False
 
     def abort(self, code: int, message: str) -> NoReturn:
-        """Say why, then end every rank of the job (MPI.COMM_WORLD.Abort)."""
+        """Say why, then end every rank of the job (MPI.COMM_WORLD.Abort). A worker the
+        server told to stop leaves the Abort to the server, which is about to call it:
+        its own would end the job before the server's message is out."""
         report_error(message)
         if self.MPI is None:
             os._exit(code)
+        if self._told_to_stop:
+            time.sleep(ABORT_TIMEOUT_S + LAUNCHER_GRACE_S)    # the server's Abort ends us
+        time.sleep(LAUNCHER_GRACE_S)         # let the launcher forward the message first
         self.MPI.COMM_WORLD.Abort(code)
         os._exit(code)
 
@@ -252,16 +260,25 @@ class MpiTransport(Transport):
             sends.pop(rank, None)
 
         for rank in sorted(requests):
-            reqs, keep, down[rank] = self._isend(requests[rank], rank)
+            try:
+                with self._talking_to(rank, timeout):
+                    reqs, keep, down[rank] = self._isend(requests[rank], rank)
+            except WorkerError as e:
+                failed(rank, e)
+                continue
             sends[rank] = (reqs, keep)
         pause = 5e-5
         while len(out) < len(requests) or sends:
             progressed = False
-            for rank in sorted(set(requests) - set(out)):
+            for rank in sorted(set(requests) - set(out) | set(sends)):
                 try:
-                    got = self._try_recv(rank, deadline)
-                except _Late:
-                    failed(rank, WorkerError(rank, self._late(timeout)))
+                    with self._talking_to(rank, timeout):
+                        if rank in sends and self.MPI.Request.Testall(sends[rank][0]):
+                            del sends[rank]
+                            progressed = True
+                        got = None if rank in out else self._try_recv(rank, deadline)
+                except WorkerError as e:
+                    failed(rank, e)
                     continue
                 if got is None:
                     continue
@@ -271,10 +288,6 @@ class MpiTransport(Transport):
                     failed(rank, WorkerError(rank, f"{reply.kind}: {reply.message} ({self._where})"))
                     continue
                 out[rank] = (reply, down[rank], up)
-            for rank in [r for r, (reqs, _) in sends.items()
-                         if self.MPI.Request.Testall(reqs)]:
-                del sends[rank]
-                progressed = True
             if time.monotonic() >= deadline and (len(out) < len(requests) or sends):
                 for late in sorted((set(requests) - set(out)) | set(sends)):
                     failed(late, WorkerError(late, self._late(timeout)))
@@ -283,6 +296,19 @@ class MpiTransport(Transport):
             if not progressed:
                 time.sleep(pause)
         return out
+
+    @contextlib.contextmanager
+    def _talking_to(self, rank: int, timeout: float):
+        """MPI's failures while exchanging with `rank` (e.g. it died mid-transfer) and a
+        late message become a WorkerError naming it."""
+        try:
+            yield
+        except _Late:
+            raise WorkerError(rank, self._late(timeout)) from None
+        except self.MPI.Exception as e:
+            raise WorkerError(rank, f"the rank died or is unreachable: MPI error class "
+                                    f"{e.Get_error_class()} while exchanging with it "
+                                    f"({self._where})") from e
 
     def _late(self, timeout: float) -> str:
         return super()._late(timeout, ": it hangs or died")
@@ -344,6 +370,7 @@ class MpiTransport(Transport):
                     continue
                 msg, pause, heard = got[0], 5e-5, time.monotonic()
                 if isinstance(msg, Abort):
+                    self._told_to_stop = True
                     return False, aborted(failed, msg.reason)
                 reply, raised = answer(worker, error, msg)
                 failed |= raised
