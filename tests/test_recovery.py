@@ -424,7 +424,7 @@ def test_a_rank_of_another_launch_on_the_same_port_is_refused(tmp_path, referenc
         "RANK": str(r), "WORLD_SIZE": "3", "LOCAL_RANK": str(r), "MASTER_ADDR": "127.0.0.1",
         "MASTER_PORT": port, "FEDRPC_RUN_ID": "job-1"}) for r in range(3)]
     # job 1's rounds last long enough for the intruder to arrive while it runs
-    launch = Launch(ranks, tmp_path / "logs", {**SLOW, "FEDRPC_SLOW_S": "8",
+    launch = Launch(ranks, tmp_path / "logs", {**SLOW, "FEDRPC_SLOW_S": "5",
                                                "FEDRPC_FAIL_RANK": "1"}, during=during)
     assert_clean(launch)
     assert intruder["rc"] != 0

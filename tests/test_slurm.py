@@ -200,9 +200,16 @@ def _requeue_when_running(out: Path, done: dict):
                 ids = subprocess.run(["squeue", "-h", "-o", "%i"], env=job.env, text=True,
                                      capture_output=True, timeout=30).stdout.split()
                 if ids:
-                    subprocess.run(["scontrol", "requeue", ids[0]], env=job.env, timeout=30,
-                                   check=True)
+                    run = lambda *a: subprocess.run(["scontrol", *a], env=job.env, timeout=30,
+                                                    capture_output=True, text=True)
+                    run("requeue", ids[0]).check_returncode()
                     done["job"] = ids[0]
+                    # a requeued job waits ~2 min before it is eligible again: not here
+                    while time.monotonic() < deadline:
+                        if "JobState=PENDING" in run("show", "job", ids[0]).stdout:
+                            run("update", f"JobId={ids[0]}", "StartTime=now")
+                            return
+                        time.sleep(0.5)
                     return
             time.sleep(0.1)
     return on_start
