@@ -243,8 +243,9 @@ def write_manifest(folder: Path, completed: int, result_cfg: dict, files: dict,
     """The manifest makes `folder` a checkpoint: written last, atomically.
     `files`: name -> {"sha256", "bytes"} for the files in this folder; `client_files`:
     the client files to restore from, relative to the checkpoints root, earlier first."""
-    manifest = {"round": completed, "config": result_cfg, "files": files,
-                "client_files": client_files, **(extra or {})}
+    digest = hashlib.sha256(json.dumps(result_cfg, sort_keys=True).encode()).hexdigest()
+    manifest = {"round": completed, "config": result_cfg, "config_sha256": digest,
+                "files": files, "client_files": client_files, **(extra or {})}
     write_text_atomic(folder / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 

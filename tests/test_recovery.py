@@ -1,6 +1,7 @@
 """Failures and recovery: checkpoints, bit-identical resume (also with another number of
 workers), stop signals, worker failures under abort and skip, hostile uploads, corrupt
 or foreign checkpoints, and a run folder that is never silently reused."""
+import hashlib
 import json
 import os
 import pickle
@@ -91,6 +92,9 @@ def test_checkpoints_hold_every_client_once_and_old_ones_are_pruned(tmp_path):
     assert kept == ["round-000003", "round-000004"]
     manifest = json.loads((out / "checkpoints/round-000004/manifest.json").read_text())
     assert manifest["round"] == 4
+    assert manifest["config"]["fed.latent_dim"] == 8 and "run.out_dir" not in manifest["config"]
+    assert manifest["config_sha256"] == hashlib.sha256(
+        json.dumps(manifest["config"], sort_keys=True).encode()).hexdigest()
     users = np.concatenate([torch.load(out / "checkpoints" / f, weights_only=True)["users"].numpy()
                             for f in manifest["client_files"]])
     assert sorted(users.tolist()) == list(range(30))
