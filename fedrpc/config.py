@@ -222,7 +222,16 @@ class FedConfig:
     beta: float = 0.1
     """FedRAP: weight of L1(C), annealed tanh(round/10) * beta."""
     aggregation: Literal["mean", "samples"] = "mean"
-    """mean over participants, or weighted by their training samples."""
+    """mean over participants, or weighted by their training samples (only then does a
+    client send its sample count)."""
+    protocol: Literal["dense", "sparse"] = "dense"
+    """Upload protocol: dense = every client uploads its whole item table (the paper's);
+    sparse = only the item rows it changed, with their indices (same numbers at fp32,
+    fewer bytes; the indices tell the server which items it trained on). README,
+    "Communication"."""
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    """Float format of the shared parameters, uploads and teacher rows that cross, both
+    directions (the server and the clients compute in fp32)."""
     transport: Literal["local", "rpc", "mpi"] = "local"
     """local: server and workers in one process; rpc: torch.distributed.rpc ranks
     (torchrun, srun, mpiexec); mpi: mpi4py ranks (mpiexec, srun --mpi=pmi2)."""

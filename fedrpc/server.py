@@ -25,7 +25,8 @@ import torch
 
 from .config import Config, to_dict
 from .data import Catalogue
-from .messages import CheckpointRequest, EvalRequest, Hello, HelloReply, RestoreRequest
+from .messages import (LOSS_UNIT, CheckpointRequest, EvalRequest, Hello, HelloReply,
+                       RestoreRequest)
 from .metrics import add_sums, finalize
 from .reporting import RunDir
 from .state import (SERVER_FILE, ServerState, check_compatible, checkpoint_dir, manifest_of,
@@ -110,8 +111,7 @@ class Server:
         admitted = self.strategy.admit(st, [replies[k] for k in sorted(replies)], r)
         up = admitted.up
         rec["clients"] = int(len(up.users)) if up is not None else 0
-        rec["loss"] = {"base": float(up.loss.mean()) if up is not None else None,
-                       "kl": float(up.kl.mean()) if up is not None else None}
+        rec["loss"] = _mean_losses([replies[k] for k in sorted(replies)])
         if admitted.rejected:
             rec["rejected"] = {k: len(v) for k, v in admitted.rejected.items()}
         if up is not None:
@@ -155,7 +155,8 @@ class Server:
         return (r + 1) % e.interval == 0 or r == self.cfg.fed.rounds - 1
 
     def _evaluate(self, r: int, failures: Optional[dict] = None) -> dict:
-        reqs = {rank: EvalRequest(r, self.state.shared, ("valid", "test"), len(users))
+        shared = self.strategy.precision.encode_all(self.state.shared)
+        reqs = {rank: EvalRequest(r, shared, ("valid", "test"), len(users))
                 for rank, users in self._live_hosts().items() if rank not in (failures or {})}
         replies = self.transport.exchange(r, "eval", reqs, self.cfg.runtime.round_timeout_s,
                                           failures)
@@ -232,6 +233,16 @@ class Server:
         self.checkpoint_folder = folder
         log.info("resumed from %s: %d round(s) complete (%.2f s)", folder, self.state.round,
                  time.perf_counter() - t0)
+
+
+def _mean_losses(replies: list) -> dict:
+    """The round's mean base loss and KL over the clients that replied (each worker
+    sends only their sums, in fixed point: exact whatever the number of workers)."""
+    n = sum(len(rep.users) for rep in replies)
+    if not n:
+        return {"base": None, "kl": None}
+    return {"base": sum(rep.loss_sum for rep in replies) * LOSS_UNIT / n,
+            "kl": sum(rep.kl_sum for rep in replies) * LOSS_UNIT / n}
 
 
 def _one_catalogue(hello: dict[int, HelloReply]) -> Catalogue:

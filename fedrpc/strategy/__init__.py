@@ -21,10 +21,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import algorithms as alg
-from .config import Config
-from .messages import TrainReply, TrainRequest, stack_sorted
-from .models import BACKBONES, Backbone, make_backbone
+from .. import algorithms as alg
+from ..config import Config
+from ..messages import TrainReply, TrainRequest, stack_sorted
+from ..models import BACKBONES, Backbone, make_backbone
+from .codec import UploadCodec, make_codec
+from .precision import Precision
 
 log = logging.getLogger(__name__)
 SAMPLING = 0x5A  # purpose id of the participant-sampling stream
@@ -34,6 +36,11 @@ SAMPLING = 0x5A  # purpose id of the participant-sampling stream
 def make_backbone_from(cfg: Config) -> Backbone:
     f = cfg.fed
     return make_backbone(f.backbone, f.latent_dim, f.alpha, f.beta)
+
+
+def upload_codec(cfg: Config, backbone: Backbone) -> UploadCodec:
+    """The codec of fed.protocol at fed.precision (workers encode, the server decodes)."""
+    return make_codec(cfg.fed.protocol, cfg.fed.precision, backbone.item_table)
 
 
 def learning_rates(cfg: Config) -> dict[str, float]:
@@ -92,6 +99,8 @@ class GFMFR:
         self.cfg, self.features = cfg, features
         self.device = torch.device(device)
         self.backbone = make_backbone_from(cfg)
+        self.codec = upload_codec(cfg, self.backbone)
+        self.precision = self.codec.precision
 
     # -- requests ------------------------------------------------------------------
     def rates(self, r: int) -> dict[str, float]:
@@ -103,8 +112,9 @@ class GFMFR:
     def train_requests(self, state, hosts: dict[int, np.ndarray], participants: np.ndarray,
                        r: int) -> dict[int, TrainRequest]:
         """One request per worker hosting participants: the global shared parameters and,
-        for clients that have a group, their group's teacher row."""
+        for clients that have a group, their group's teacher row (at fed.precision)."""
         rates, out = self.rates(r), {}
+        shared = self.precision.encode_all(state.shared)
         for rank, hosted in hosts.items():
             users = participants[np.isin(participants, hosted)]
             if len(users) == 0:
@@ -115,8 +125,8 @@ class GFMFR:
                 present = np.unique(g[g >= 0])
                 if len(present):        # clients never grouped yet train without teacher
                     rows = np.where(g >= 0, np.searchsorted(present, g), -1).astype(np.int64)
-                    teacher = state.teacher[torch.from_numpy(present)]
-            out[rank] = TrainRequest(r, users, state.shared, **rates, teacher=teacher,
+                    teacher = self.precision.encode(state.teacher[torch.from_numpy(present)])
+            out[rank] = TrainRequest(r, users, shared, **rates, teacher=teacher,
                                      teacher_row=rows)
         return out
 
@@ -124,11 +134,19 @@ class GFMFR:
     def admit(self, state, replies: list[TrainReply], r: int) -> Admitted:
         """Uploads that may be averaged: right shapes and dtypes, finite, and (with
         fed.max_update_norm) an update norm within that many times the round's median.
-        Every rejected client is counted and named in the log."""
+        Uploads are decoded first (fed.protocol); one the codec cannot decode is
+        malformed. Every rejected client is counted and named in the log."""
         rejected: dict[str, list[int]] = {}
         ok, expected = [], self.upload_shapes(state)
+        sent = self.sent(state)
         for rep in replies:
             n = len(rep.users)
+            try:
+                rep = self.decode(rep, sent)
+            except ValueError as e:
+                log.warning("round %d: undecodable upload: %s", r, e)
+                rejected.setdefault("shape_or_dtype", []).extend(rep.users.tolist())
+                continue
             if set(rep.shared) != set(expected) or any(
                     rep.shared[k].dtype != dt or tuple(rep.shared[k].shape) != (n, *shape)
                     for k, (shape, dt) in expected.items()):
@@ -163,6 +181,19 @@ class GFMFR:
         if not keep.all():
             up = _select(up, keep.numpy())
         return Admitted(up, _logged(rejected, r))
+
+    def sent(self, state) -> dict[str, Tensor]:
+        """The shared parameters as the clients received them this round (fp32)."""
+        return {k: self.precision.round_trip(v) for k, v in state.shared.items()}
+
+    def decode(self, rep: TrainReply, sent: dict[str, Tensor]) -> TrainReply:
+        """A worker's reply with its uploads decoded to dense fp32 tensors."""
+        if self.cfg.fed.aggregation == "samples" and (
+                rep.n_samples is None or rep.n_samples.shape != rep.users.shape):
+            raise ValueError("fed.aggregation=samples needs each client's sample count")
+        shared = self.codec.decode(sent, rep.shared, len(rep.users))
+        return TrainReply(rep.round, rep.users, shared, rep.n_samples, rep.loss_sum,
+                          rep.kl_sum, rep.seconds)
 
     def upload_shapes(self, state) -> dict[str, tuple]:
         """Each uploaded parameter's per-client shape and dtype: the shared parameters,
@@ -265,7 +296,8 @@ def _group_means(values: Tensor, labels: np.ndarray, n_groups: int, fallback: Te
 def _select(up: TrainReply, keep: np.ndarray) -> TrainReply:
     k = torch.from_numpy(keep)
     return TrainReply(up.round, up.users[keep], {n: v[k] for n, v in up.shared.items()},
-                      up.n_samples[keep], up.loss[k], up.kl[k], up.seconds)
+                      None if up.n_samples is None else up.n_samples[keep], up.loss_sum,
+                      up.kl_sum, up.seconds)
 
 
 def _logged(rejected: dict, round_: int) -> dict:
