@@ -245,3 +245,21 @@ def test_tensorpipe_transports_default_to_uv():
     assert tensorpipe_transports({"FEDRPC_TP_TRANSPORTS": "shm, uv"}) == ["shm", "uv"]
     with pytest.raises(ConfigError, match="FEDRPC_TP_TRANSPORTS"):
         tensorpipe_transports({"FEDRPC_TP_TRANSPORTS": "tcp"})
+
+
+@pytest.mark.timeout(300)
+def test_encoded_uploads_cross_torch_rpc_with_the_local_numbers_and_bytes(tmp_path):
+    """Sparse rows at fp16 (a codec's own message type) pickle through TensorPipe: the
+    same numbers and logical bytes as in one process, wire bytes measured."""
+    over = ["fed.protocol=sparse", "fed.precision=fp16"]
+    run_local(load_config(None, SMALL + [f"run.out_dir={tmp_path / 'local'}", *over]))
+    launch = spawn(3, tmp_path / "rpc", *over)
+    assert_clean(launch)
+    assert set(launch.returncodes) == {0}, launch.text(0)[-3000:]
+    ref, got = rounds(tmp_path / "local"), rounds(tmp_path / "rpc")
+    assert len(got) == len(ref) == 3
+    for a, b in zip(got, ref):
+        assert (a["metrics"], a["loss"]) == (b["metrics"], b["loss"])
+        assert a["bytes"]["logical"] == b["bytes"]["logical"]
+        for pair in a["bytes"]["physical"].values():
+            assert pair["wire"] >= pair["payload"] > 0
