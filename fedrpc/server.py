@@ -118,9 +118,20 @@ class Server:
             self.strategy.aggregate(st, up)
         t["aggregate"] = time.perf_counter() - tic
 
+        # --- secagg: group, then the second upload phase (masked tables, per-set sums)
+        labels = sums = None
+        if self.strategy.secure and up is not None:
+            tic = time.perf_counter()
+            if cfg.gfmfr.enabled:
+                labels = self.strategy.group(st, up, r)
+            t["group"] = time.perf_counter() - tic
+            tic = time.perf_counter()
+            sums, rec["secagg"] = self._secure_upload(r, up, labels, requests, failures)
+            t["upload"] = time.perf_counter() - tic
+
         # --- group clients, fuse content per group, derive the teacher
         if cfg.gfmfr.enabled and up is not None:
-            rec["gfmfr"] = self.strategy.group_fuse_teach(st, up, r, t)
+            rec["gfmfr"] = self.strategy.group_fuse_teach(st, up, r, t, labels, sums)
 
         # --- evaluate (federated: only metric sums come back)
         if self._eval_due(r):
@@ -133,6 +144,19 @@ class Server:
         rec["seconds"] = {k: round(v, 4) for k, v in t.items()}
         rec["bytes"] = self.transport.ledger.round_summary(r)
         return rec
+
+    def _secure_upload(self, r: int, up, labels, requests: dict,
+                       failures: Optional[dict]) -> tuple[dict, dict]:
+        """Phase 2 of secagg: relay the sets' public keys, sum the masked uploads."""
+        hosts = {k: v for k, v in self._live_hosts().items() if k not in (failures or {})}
+        reqs, sets = self.strategy.mask_requests(hosts, up, labels, r)
+        phase2: Optional[dict] = {} if failures is not None else None
+        replies = self.transport.exchange(r, "upload", reqs, self.cfg.runtime.round_timeout_s,
+                                          phase2)
+        lost = [reqs[k].users for k in (phase2 or {})]
+        if phase2:
+            failures.update(phase2)
+        return self.strategy.secure_aggregate(self.state, replies, sets, lost, r)
 
     def _live_hosts(self) -> dict[int, np.ndarray]:
         return {r: u for r, u in self.hosts.items() if r not in self.lost}

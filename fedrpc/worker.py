@@ -21,7 +21,7 @@ from .messages import (CheckpointReply, CheckpointRequest, EvalReply, EvalReques
                        TrainRequest, fixed_sum)
 from .metrics import evaluate_users
 from .state import ClientStore, save_atomic
-from .strategy import make_backbone_from, upload_codec
+from .strategy import MaskRequest, make_backbone_from, upload_codec
 from .training import LocalSettings, build_client_batches, train_clients
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,8 @@ class Worker:
             return self.train(msg)
         if isinstance(msg, EvalRequest):
             return self.evaluate(msg)
+        if isinstance(msg, MaskRequest):          # secagg's second upload phase
+            return self.codec.masked_sums(msg, self._participants)
         if isinstance(msg, Hello):
             c = self.catalogue
             return HelloReply(self.rank, self.users, c.item_ids, c.id_base, c.id_space)
@@ -86,6 +88,7 @@ class Worker:
     def _train(self, req: TrainRequest) -> TrainReply:
         t0 = time.perf_counter()
         s = self.settings(req)
+        self._participants = req.users
         prec = self.codec.precision                # what was sent is what the clients use
         shared = prec.decode_all(req.shared)
         teacher = prec.decode(req.teacher)

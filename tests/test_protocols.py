@@ -191,3 +191,145 @@ def test_a_malformed_encoded_upload_is_rejected(tmp_path):
             bad = SparseRows(q.counts, q.index + 50, q.values)      # a row out of range
             wrong = TrainReply(0, np.array([5, 6]), {**good.shared, "Q": bad}, None)
             assert strategy.admit(state, [wrong], 0).rejected == {"shape_or_dtype": [5, 6]}
+
+
+# ---------------------------------------------------------------------- secagg
+from fedrpc.strategy.secagg import (RING, SCALE_BITS, MaskedSums, MaskRequest, PublicKeys,
+                                    SecAgg, from_ring, secure_sets, to_ring)
+from fedrpc.strategy.precision import Precision
+
+
+def test_secure_sets_never_hold_fewer_than_the_minimum():
+    set_of, groups = secure_sets(np.array([0, 0, 0, 1, 2, 0]), 4, 2)
+    assert groups == {0: [0], 4: [1, 2]}                  # the two singletons together
+    assert set_of.tolist() == [0, 0, 0, 4, 4, 0]
+    set_of, groups = secure_sets(np.array([0, 0, 1, 0, 0, 2]), 3, 3)
+    assert groups == {0: [0, 1, 2]}                       # 1 + 2 < 3: into the largest
+    assert set_of.tolist() == [0] * 6
+    set_of, groups = secure_sets(np.array([1]), 2, 1)     # alone is never a set
+    assert groups == {} and set_of.tolist() == [-1]
+
+
+def _masked(tables: dict[int, torch.Tensor], hosts: list[list[int]], r: int = 7):
+    """Phase 1 and 2 of one set for clients hosted as `hosts`: the workers' MaskedSums."""
+    codecs = []
+    keys = {}
+    for hosted in hosts:
+        c = SecAgg(Precision("fp32"), "Q")
+        t = torch.stack([tables[u] for u in hosted])
+        out = c.encode({"Q": t[0]}, {"Q": t})
+        keys.update({u: k for u, k in zip(hosted, out["Q"].keys)})
+        codecs.append(c)
+    members = np.array(sorted(keys))
+    key_t = torch.stack([keys[u] for u in members])
+    out = []
+    for c, hosted in zip(codecs, hosts):
+        req = MaskRequest(r, np.array(hosted), np.zeros(len(hosted), np.int64), {0: members},
+                          {0: key_t})
+        out.append(c.masked_sums(req, np.array(hosted)))
+    return out
+
+
+def test_masks_cancel_exactly_and_one_masked_upload_is_independent_of_its_table():
+    gen = torch.Generator().manual_seed(0)
+    tables = {u: torch.randn(400, 16, generator=gen) for u in range(5)}
+    plain = sum(to_ring(t) for t in tables.values()) % RING
+    for hosts in ([[0], [1, 2], [3, 4]], [[0, 1, 2, 3, 4]], [[u] for u in range(5)]):
+        sums = _masked(tables, hosts)
+        total = sum(s.sums[0].to(torch.int64) for s in sums) % RING
+        assert torch.equal(total, plain)                  # exact, whatever the packing
+        got = from_ring(total)
+        want = sum(t.double() for t in tables.values())
+        assert (got - want).abs().max() <= 5 * 2.0 ** -(SCALE_BITS + 1)
+    alone = _masked(tables, [[0], [1, 2, 3, 4]])[0].sums[0].double().flatten()
+    x = tables[0].double().flatten()
+    corr = float(torch.corrcoef(torch.stack([alone, x]))[0, 1])
+    assert abs(corr) < 0.06                               # 6400 values: noise is ~0.0125
+    clear = from_ring(to_ring(tables[0])).flatten()
+    assert float(torch.corrcoef(torch.stack([clear, x]))[0, 1]) > 0.999
+    # uniform on the ring: its top bit is a fair coin
+    top = (alone.to(torch.int64) % RING >= RING // 2).double().mean()
+    assert 0.45 < float(top) < 0.55
+
+
+def test_secagg_the_server_sees_only_set_sums_and_the_attack_learns_nothing(tmp_path,
+                                                                            received,
+                                                                            monkeypatch):
+    from fedrpc.strategy import GFMFR
+    got_sums = {}
+    orig = GFMFR.secure_aggregate
+
+    def keep(self, state, replies, sets, failed, r):
+        sums, rec = orig(self, state, replies, sets, failed, r)
+        got_sums.setdefault(self.cfg.fed.workers, []).append(
+            {s: (list(g), m.tolist(), v.clone()) for s, (g, m, v) in sums.items()})
+        return sums, rec
+
+    monkeypatch.setattr(GFMFR, "secure_aggregate", keep)
+    seen = []
+    orig_handle = Worker.handle
+
+    def spy(self, msg):
+        pending = None
+        reply = orig_handle(self, msg)
+        if isinstance(msg, TrainRequest):
+            pending = self.codec.pending[0].clone()
+        seen.append((self, msg, reply, pending))
+        return reply
+
+    monkeypatch.setattr(Worker, "handle", spy)
+    run(tmp_path / "w3", "fed.workers=3", "fed.protocol=secagg", "fed.rounds=3")
+    tables = {}                                 # (round, user) -> its plain trained table
+    sent_q = {}                                 # round -> the table the server sent
+    for worker, msg, reply, pending in seen:
+        if isinstance(msg, TrainRequest):
+            assert isinstance(reply.shared["Q"], PublicKeys)     # no table in phase 1
+            sent_q[msg.round] = msg.shared["Q"]
+            tables.update({(msg.round, int(u)): pending[j] for j, u in enumerate(msg.users)})
+            truth = training_items(worker, msg)
+            assert all(len(t) < I for t in truth.values())   # what dense/sparse reveal
+        if isinstance(reply, MaskedSums):
+            assert len(reply.sums) < len(reply.users)             # pre-added per set
+            for s_sum in reply.sums:    # the attack: every row differs from what was sent
+                changed = (from_ring(s_sum.to(torch.int64)).float() != sent_q[msg.round]
+                           ).any(-1)
+                assert changed.all() and len(changed) == I        # so it recovers nothing
+    # each set's sum is the plain sum of its members' tables, within the resolution
+    for r, sums in enumerate(got_sums[3]):
+        for s, (groups, members, mean) in sums.items():
+            plain = sum(tables[(r, u)].double() for u in members) / len(members)
+            assert (mean - plain).abs().max() <= 2.0 ** -(SCALE_BITS + 1) + 1e-12
+    run(tmp_path / "w1", "fed.workers=1", "fed.protocol=secagg", "fed.rounds=3")
+    for a, b in zip(got_sums[1], got_sums[3]):                   # bit-identical
+        assert a.keys() == b.keys()
+        for s in a:
+            assert a[s][:2] == b[s][:2] and torch.equal(a[s][2], b[s][2])
+    ra, rb = records(tmp_path / "w1"), records(tmp_path / "w3")
+    assert [(r["metrics"], r["loss"], r["secagg"]) for r in ra] == \
+        [(r["metrics"], r["loss"], r["secagg"]) for r in rb]
+    for rec in rb:                               # the byte formulas of both phases
+        lg, sizes = rec["bytes"]["logical"], rec["secagg"]["set_sizes"]
+        assert lg["train_up"]["mean"] == (D + 1) * 4 + 32        # heads + a public key
+        assert lg["upload_up"]["mean"] == I * D * 4               # one masked table
+        relay = sum(m * (m - 1) * (8 + 32) for m in sizes)        # others' ids and keys
+        assert lg["upload_down"]["total"] == relay
+        assert rec["bytes"]["physical"]["1->0"]["messages"] == 3   # train, upload, eval
+
+
+def test_secagg_a_worker_lost_between_the_phases_abandons_its_sets(tmp_path, monkeypatch):
+    orig = SecAgg.masked_sums
+
+    def fail(self, req, hosted):
+        if req.round == 1 and 1 in req.users.tolist():
+            raise RuntimeError("worker lost between the phases")
+        return orig(self, req, hosted)
+
+    monkeypatch.setattr(SecAgg, "masked_sums", fail)
+    run(tmp_path, "fed.workers=3", "fed.protocol=secagg", "fed.rounds=3",
+        "runtime.on_worker_failure=skip")
+    recs = records(tmp_path)
+    assert recs[0]["secagg"]["abandoned_sets"] == 0
+    lost = recs[1]["secagg"]
+    assert 0 < lost["abandoned_sets"] <= lost["sets"] and lost["clients_abandoned"] > 0
+    assert recs[1]["failures"][0]["rank"] == 2                   # user 1 lives on rank 2
+    assert recs[2]["secagg"]["abandoned_sets"] == 0

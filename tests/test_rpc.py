@@ -248,10 +248,12 @@ def test_tensorpipe_transports_default_to_uv():
 
 
 @pytest.mark.timeout(300)
-def test_encoded_uploads_cross_torch_rpc_with_the_local_numbers_and_bytes(tmp_path):
-    """Sparse rows at fp16 (a codec's own message type) pickle through TensorPipe: the
-    same numbers and logical bytes as in one process, wire bytes measured."""
-    over = ["fed.protocol=sparse", "fed.precision=fp16"]
+@pytest.mark.parametrize("protocol", ["sparse", "secagg"])
+def test_encoded_uploads_cross_torch_rpc_with_the_local_numbers_and_bytes(tmp_path, protocol):
+    """Sparse rows, public keys and masked sums at fp16 (codecs' own message types, and
+    secagg's second phase) go through TensorPipe: the same numbers and logical bytes as in
+    one process, wire bytes measured."""
+    over = [f"fed.protocol={protocol}", "fed.precision=fp16"]
     run_local(load_config(None, SMALL + [f"run.out_dir={tmp_path / 'local'}", *over]))
     launch = spawn(3, tmp_path / "rpc", *over)
     assert_clean(launch)

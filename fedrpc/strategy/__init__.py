@@ -27,6 +27,7 @@ from ..messages import TrainReply, TrainRequest, stack_sorted
 from ..models import BACKBONES, Backbone, make_backbone
 from .codec import UploadCodec, make_codec
 from .precision import Precision
+from .secagg import PUBKEY, MaskedSums, MaskRequest, from_ring, secure_sets
 
 log = logging.getLogger(__name__)
 SAMPLING = 0x5A  # purpose id of the participant-sampling stream
@@ -199,6 +200,9 @@ class GFMFR:
         """Each uploaded parameter's per-client shape and dtype: the shared parameters,
         and with GFMFR a backbone's group-only head (what the server groups by)."""
         out = {k: (tuple(v.shape), v.dtype) for k, v in state.shared.items()}
+        if self.secure:                  # the table comes masked, in the second phase
+            del out[self.backbone.item_table]
+            out[PUBKEY] = ((32,), torch.uint8)
         if self.cfg.gfmfr.enabled:
             n_items = state.shared[self.backbone.item_table].shape[0]
             for p in self.backbone.private():
@@ -209,13 +213,87 @@ class GFMFR:
     def aggregate(self, state, up: TrainReply) -> None:
         weights = (torch.from_numpy(up.n_samples).double()
                    if self.cfg.fed.aggregation == "samples" else None)
-        state.shared = alg.mean_aggregate(
-            {p.name: up.shared[p.name] for p in self.backbone.shared()}, weights)
+        # under secagg the item table is not among them: it comes as per-set sums
+        present = {p.name: up.shared[p.name] for p in self.backbone.shared()
+                   if p.name in up.shared}
+        mean = alg.mean_aggregate(present, weights) if present else {}
+        state.shared = {k: mean.get(k, v) for k, v in state.shared.items()}
+
+    @property
+    def secure(self) -> bool:
+        return self.cfg.fed.protocol == "secagg"
+
+    # -- secure group aggregation (secagg.py) --------------------------------------
+    def mask_requests(self, hosts: dict[int, np.ndarray], up: TrainReply,
+                      labels: Optional[np.ndarray], r: int) -> tuple[dict, dict]:
+        """Phase 2's requests (per worker) and the sets: {set id: groups it holds}."""
+        n_groups = self.cfg.gfmfr.groups if labels is not None else 1
+        lab = labels if labels is not None else np.zeros(len(up.users), dtype=np.int64)
+        set_of, groups_of = secure_sets(lab, n_groups, self.cfg.gfmfr.min_group_size)
+        members = {s: up.users[set_of == s] for s in groups_of}
+        keys = {s: up.shared[PUBKEY][torch.from_numpy(set_of == s)] for s in groups_of}
+        out = {}
+        for rank, hosted in hosts.items():
+            mine = np.isin(up.users, hosted) & (set_of >= 0)
+            if mine.any():
+                sets = set(set_of[mine].tolist())
+                out[rank] = MaskRequest(r, up.users[mine], set_of[mine],
+                                        {s: members[s] for s in sets},
+                                        {s: keys[s] for s in sets})
+        return out, {s: (groups_of[s], members[s]) for s in groups_of}
+
+    def secure_aggregate(self, state, replies: dict[int, MaskedSums], sets: dict,
+                         failed: list, r: int) -> tuple[dict, dict]:
+        """Sum each set's masked uploads (masks cancel); a set with a member on a worker
+        that failed in phase 2 is abandoned. Updates the global item table with the mean
+        over complete sets; returns {set id: (groups, members, mean table)} and a record."""
+        bb = self.backbone
+        shape = tuple(state.shared[bb.item_table].shape)
+        total = {s: torch.zeros(shape, dtype=torch.int64) for s in sets}
+        for rank in sorted(replies):
+            for s, part in zip(replies[rank].set_ids.tolist(), replies[rank].sums):
+                total[s] += part.to(torch.int64)
+        done, abandoned = {}, []
+        for s, (groups, members) in sets.items():
+            if any(np.isin(members, lost).any() for lost in failed):   # users per failed rank
+                abandoned.append(s)
+            else:
+                done[s] = (groups, members, from_ring(total[s]))
+        n = sum(len(m) for _, m, _ in done.values())
+        if n:
+            table = sum(v for _, _, v in done.values()) / n
+            state.shared = {**state.shared, bb.item_table: table.float()}
+        rec = {"sets": len(sets), "set_sizes": [int(len(m)) for _, m in sets.values()],
+               "abandoned_sets": len(abandoned),
+               "clients_abandoned": int(sum(len(sets[s][1]) for s in abandoned))}
+        if abandoned:
+            log.warning("round %d: secagg: %d set(s) abandoned (a worker failed between the "
+                        "phases; no dropout recovery): the table averages the other sets",
+                        r, len(abandoned))
+        return {s: (g, m, v / len(m)) for s, (g, m, v) in done.items()}, rec
+
+    def secure_targets(self, state, sums: dict) -> tuple[Tensor, dict]:
+        """group_targets from per-set means: a group that is a set of its own (small
+        groups possibly merged in) takes its set's mean; every other group the mean over
+        all complete sets (group_targets' fallback for groups below min_group_size)."""
+        g = self.cfg.gfmfr
+        table = state.shared[self.backbone.item_table]
+        targets = table.unsqueeze(0).repeat(g.groups, 1, 1)
+        fallback = set(range(g.groups))
+        present = torch.zeros(g.groups, dtype=torch.bool)
+        for s, (groups, _, mean) in sums.items():
+            if s < g.groups:                  # set id = its (first) group; g.groups = rest
+                targets[s] = mean.float()
+                fallback.discard(s)
+            present[list(groups)] = True
+        return targets, {"n_excluded_nonfinite": 0, "n_excluded_outlier": 0,
+                         "fallback": sorted(fallback), "group_ok": present}
 
     # -- grouping, fusion, teacher -------------------------------------------------
-    def group_fuse_teach(self, state, up: TrainReply, r: int, t: dict) -> dict:
+    def group(self, state, up: TrainReply, r: int) -> np.ndarray:
+        """Each admitted client's group, from its uploaded head (aligned with the last
+        round's groups)."""
         g, bb = self.cfg.gfmfr, self.backbone
-        tic = time.perf_counter()
         head = torch.cat([up.shared[n].reshape(len(up.users), -1) for n in bb.head], 1)
         labels = alg.group_clients(head.double().numpy(), g.groups, g.clustering,
                                    g.pca or None, seed=self.cfg.run.seed * 1000 + r)
@@ -223,9 +301,23 @@ class GFMFR:
                                   g.groups)
         state.prev_users, state.prev_labels = up.users, labels
         state.group_of_user[up.users] = labels
-        targets, info = alg.group_targets(up.shared[bb.item_table], labels, g.groups,
-                                          g.min_group_size, g.outlier_factor)
-        t["group"] = time.perf_counter() - tic
+        return labels
+
+    def group_fuse_teach(self, state, up: TrainReply, r: int, t: dict,
+                         labels: Optional[np.ndarray] = None,
+                         sums: Optional[dict] = None) -> dict:
+        """`labels`: the groups when already formed this round; `sums`: secagg's per-set
+        means (the targets then come from them, not from per-client tables)."""
+        g, bb = self.cfg.gfmfr, self.backbone
+        tic = time.perf_counter()
+        if labels is None:
+            labels = self.group(state, up, r)
+        if self.secure:
+            targets, info = self.secure_targets(state, sums or {})
+        else:
+            targets, info = alg.group_targets(up.shared[bb.item_table], labels, g.groups,
+                                              g.min_group_size, g.outlier_factor)
+        t["group"] = t.get("group", 0.0) + time.perf_counter() - tic
 
         tic = time.perf_counter()
         fz, opt = self.fusion_model(state)
