@@ -4,6 +4,9 @@ Writes into the output folder: rounds.csv (one row per run and round, every figu
 from the byte ledger's records as the run wrote them), one PNG per plot, and report.html,
 self-contained (the PNGs embedded as data URIs, no external resources: it opens offline).
 
+Per client, down and up are the sums over message kinds (train, eval, and secagg's
+upload phase) of the mean logical bytes per participating client.
+
 Plots: test/valid HR@K and NDCG@K over rounds; logical MB per client down/up per round
 and cumulative; physical MB per rank pair per round; test HR@K against cumulative MB per
 client (the communication-efficiency curve); seconds by phase; group sizes over rounds.
@@ -17,7 +20,7 @@ import json
 from pathlib import Path
 
 MB = 1e6
-PHASES = ("train", "aggregate", "group", "fusion", "eval")
+PHASES = ("train", "aggregate", "group", "upload", "fusion", "eval")
 
 
 def load_run(folder: Path) -> list[dict]:
@@ -39,8 +42,9 @@ def rows(name: str, recs: list[dict], k: int) -> list[dict]:
         phys = rec["bytes"]["physical"]
         into = sum(p["payload"] for pair, p in phys.items() if pair.endswith("->0"))
         out_of = sum(p["payload"] for pair, p in phys.items() if pair.startswith("0->"))
-        down = _logical(rec, "train_down") + _logical(rec, "eval_down")
-        up = _logical(rec, "train_up")
+        lg = rec["bytes"]["logical"]        # every kind (secagg adds its "upload" phase)
+        down = sum(v["mean"] for k, v in lg.items() if k.endswith("_down"))
+        up = sum(v["mean"] for k, v in lg.items() if k.endswith("_up"))
         cum += down + up
         row = {"run": name, "round": rec["round"], "clients": rec.get("clients", 0),
                "client_down_B": down, "client_up_B": up, "client_train_down_B":
@@ -73,10 +77,14 @@ def _plots(runs: dict[str, list[dict]], k: int, out: Path) -> list[tuple[str, Pa
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     made = []
 
     def save(fig, name: str, title: str) -> None:
+        for ax in fig.axes:                 # rounds are whole numbers
+            if ax.get_xlabel() == "round":
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         fig.tight_layout()
         path = out / f"{name}.png"
         fig.savefig(path, dpi=110)

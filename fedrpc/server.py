@@ -3,6 +3,9 @@
     sample -> send -> collect -> admit -> aggregate -> group -> fuse -> teach
            -> evaluate -> log -> checkpoint
 
+(fed.protocol=secagg adds a second upload phase after grouping: masked item tables,
+of which the server learns only per-set sums; fedrpc/strategy/secagg.py.)
+
 The server holds the item content features, the `ServerState` (global shared
 parameters, groups, the fusion model, the history) and the strategy (`GFMFR`) that
 decides each step. It never holds interactions or private parameters: it learns the
@@ -126,7 +129,7 @@ class Server:
                 labels = self.strategy.group(st, up, r)
             t["group"] = time.perf_counter() - tic
             tic = time.perf_counter()
-            sums, rec["secagg"] = self._secure_upload(r, up, labels, requests, failures)
+            sums, rec["secagg"] = self._secure_upload(r, up, labels, failures)
             t["upload"] = time.perf_counter() - tic
 
         # --- group clients, fuse content per group, derive the teacher
@@ -145,7 +148,7 @@ class Server:
         rec["bytes"] = self.transport.ledger.round_summary(r)
         return rec
 
-    def _secure_upload(self, r: int, up, labels, requests: dict,
+    def _secure_upload(self, r: int, up, labels,
                        failures: Optional[dict]) -> tuple[dict, dict]:
         """Phase 2 of secagg: relay the sets' public keys, sum the masked uploads."""
         hosts = {k: v for k, v in self._live_hosts().items() if k not in (failures or {})}

@@ -15,12 +15,12 @@ SMALL = ["data.synthetic.users=30", "data.synthetic.items=50",
 
 
 def test_report_numbers_equal_the_ledger_and_the_page_opens_offline(tmp_path):
-    runs = {"dense": [], "sparse": ["fed.protocol=sparse", "fed.precision=fp16"]}
+    runs = {"dense": [], "sparse": ["fed.protocol=sparse", "fed.precision=fp16"],
+            "secagg": ["fed.protocol=secagg"]}
     for name, over in runs.items():
         run_local(load_config(None, SMALL + [f"run.out_dir={tmp_path / name}", *over]))
     out = tmp_path / "report"
-    assert main(["report", str(tmp_path / "dense"), str(tmp_path / "sparse"),
-                 "--out", str(out)]) == 0
+    assert main(["report", *(str(tmp_path / name) for name in runs), "--out", str(out)]) == 0
     table = list(csv.DictReader(open(out / "rounds.csv")))
     assert [(r["run"], r["round"]) for r in table] == [
         (n, str(i)) for n in runs for i in range(3)]
@@ -29,9 +29,11 @@ def test_report_numbers_equal_the_ledger_and_the_page_opens_offline(tmp_path):
         cum = 0
         for rec, row in zip(recs, [r for r in table if r["run"] == name]):
             lg, phys = rec["bytes"]["logical"], rec["bytes"]["physical"]
-            down = lg["train_down"]["mean"] + lg.get("eval_down", {}).get("mean", 0)
-            cum += down + lg["train_up"]["mean"]
-            assert float(row["client_up_B"]) == lg["train_up"]["mean"]
+            down = lg["train_down"]["mean"] + lg.get("eval_down", {}).get("mean", 0) + \
+                lg.get("upload_down", {}).get("mean", 0)
+            up = lg["train_up"]["mean"] + lg.get("upload_up", {}).get("mean", 0)
+            cum += down + up
+            assert float(row["client_up_B"]) == up
             assert float(row["client_down_B"]) == down
             assert float(row["client_cumulative_B"]) == cum
             assert float(row["physical_into_server_B"]) == phys["1->0"]["payload"] + \
@@ -50,7 +52,8 @@ def test_report_numbers_equal_the_ledger_and_the_page_opens_offline(tmp_path):
     assert page.count('src="data:image/png;base64,') == len(pngs)
     assert not re.search(r'(src|href)="(?!data:)', page)        # nothing to fetch
     up = {r["run"]: float(r["client_up_B"]) for r in table if r["round"] == "0"}
-    assert up["sparse"] < up["dense"]
+    assert up["sparse"] < up["dense"] and up["secagg"] == up["dense"] + 32   # + its public key
+
     assert f"{up['dense'] / 1e6:.4f}" in page
 
 
