@@ -427,9 +427,9 @@ def _progress_line(rec: dict, k: int) -> str:
         v, te = rec["metrics"]["valid"], rec["metrics"]["test"]
         parts.append(f"val HR@{k} {v[f'HR@{k}']:.4f} NDCG@{k} {v[f'NDCG@{k}']:.4f}")
         parts.append(f"test HR@{k} {te[f'HR@{k}']:.4f} NDCG@{k} {te[f'NDCG@{k}']:.4f}")
-    lg = rec["bytes"]["logical"]
-    down = lg.get("train_down", {}).get("mean", 0) / 1e6
-    upb = lg.get("train_up", {}).get("mean", 0) / 1e6
+    lg = rec["bytes"]["logical"]          # train and secagg's upload phase, no eval
+    down = sum(lg.get(k, {}).get("mean", 0) for k in ("train_down", "upload_down")) / 1e6
+    upb = sum(lg.get(k, {}).get("mean", 0) for k in ("train_up", "upload_up")) / 1e6
     parts.append(f"client MB down {down:.3f} up {upb:.3f}")
     parts.append(f"{rec['seconds']['total']:.2f}s")
     return " | ".join(parts)
