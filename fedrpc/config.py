@@ -222,7 +222,17 @@ class FedConfig:
     beta: float = 0.1
     """FedRAP: weight of L1(C), annealed tanh(round/10) * beta."""
     aggregation: Literal["mean", "samples"] = "mean"
-    """mean over participants, or weighted by their training samples."""
+    """mean over participants, or weighted by their training samples (only then does a
+    client send its sample count)."""
+    protocol: Literal["dense", "sparse", "secagg"] = "dense"
+    """Upload protocol: dense = every client uploads its whole item table (the paper's);
+    sparse = only the item rows it changed, with their indices (same numbers at fp32,
+    fewer bytes; the indices tell the server which items it trained on); secagg = secure
+    group aggregation: tables masked in a second upload phase, the server learns only
+    per-group sums. README, "Communication"."""
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    """Float format of the shared parameters, uploads and teacher rows that cross, both
+    directions (the server and the clients compute in fp32)."""
     transport: Literal["local", "rpc", "mpi"] = "local"
     """local: server and workers in one process; rpc: torch.distributed.rpc ranks
     (torchrun, srun, mpiexec); mpi: mpi4py ranks (mpiexec, srun --mpi=pmi2)."""
@@ -244,6 +254,8 @@ class FedConfig:
         for name in ("lr", "lr_item", "lr_private_item", "lr_decay", "lr_item_decay"):
             value = getattr(self, name)
             check(value is None or value > 0, f"{key}.{name}", "must be > 0")
+        check(self.protocol != "secagg" or self.aggregation == "mean", f"{key}.aggregation",
+              "secure aggregation sums the tables: use fed.aggregation=mean with it")
         check(self.max_update_norm == 0 or self.max_update_norm > 1, f"{key}.max_update_norm",
               "must be 0 (off) or > 1 (times the median)")
         for name in ("weight_decay", "alpha", "beta"):

@@ -19,6 +19,15 @@ import torch
 from torch import Tensor
 
 FLOAT_BYTES = 4
+LOSS_UNIT = 2.0 ** -40     # per-client losses travel summed, in fixed point of this unit
+
+
+def fixed_sum(values: Tensor) -> int:
+    """The sum of per-client values in units of LOSS_UNIT: each value rounded to the unit
+    first, so the sum is exact and does not depend on how clients are split over workers.
+    Non-finite values count as 0 (their uploads are rejected at admission)."""
+    v = torch.nan_to_num(values.double(), nan=0.0, posinf=0.0, neginf=0.0)
+    return sum(int(x) for x in torch.round(v / LOSS_UNIT).tolist())
 
 
 def nbytes(obj) -> int:
@@ -33,7 +42,8 @@ def nbytes(obj) -> int:
         return sum(nbytes(v) for v in obj)
     if isinstance(obj, (int, float)):
         return 8
-    return 0
+    fn = getattr(obj, "payload_bytes", None)     # an encoded upload (strategy codecs)
+    return int(fn()) if fn is not None else 0
 
 
 def _per_client(shared: dict[str, Tensor]) -> int:
@@ -85,22 +95,31 @@ class TrainRequest:
 
 @dataclass(frozen=True)
 class TrainReply:
+    """The uploads of a worker's participating clients. `shared` holds them as the upload
+    codec encoded them (fed.protocol, fed.precision; dense [N, ...] tensors once the
+    server decoded them). Only what the server uses travels per client: `n_samples` only
+    with fed.aggregation=samples; base loss and KL only as sums over the clients here."""
     round: int
     users: np.ndarray                    # [N], sorted
-    shared: dict[str, Tensor]            # [N, ...] each client's trained shared params
-    n_samples: np.ndarray                # [N] training samples per epoch
-    loss: Tensor                         # [N] mean base loss
-    kl: Tensor                           # [N] mean distillation KL (0 without teacher)
+    shared: dict                         # name -> [N, ...] tensor or an encoded upload
+    n_samples: Optional[np.ndarray]      # [N] training samples per epoch, or None
+    loss_sum: int = 0                    # sum of the clients' mean base loss (LOSS_UNIT)
+    kl_sum: int = 0                      # sum of their mean distillation KL (LOSS_UNIT)
     seconds: float = 0.0
 
     def payload_bytes(self) -> int:
-        return nbytes(self.users) + nbytes(self.shared) + nbytes(self.n_samples) \
-            + nbytes(self.loss) + nbytes(self.kl) + 16
+        return nbytes(self.users) + nbytes(self.shared) + nbytes(self.n_samples) + 16 + 16
 
     def client_bytes(self) -> np.ndarray:
-        """Per client: its trained shared parameters (the loss reports are diagnostics)."""
-        per = sum(v[0].numel() * v.element_size() for v in self.shared.values())
-        return np.full(len(self.users), per, dtype=np.int64)
+        """Per client: its upload as the codec encoded it (each codec's formula), plus its
+        sample count when it is sent (the loss sums are diagnostics of the worker)."""
+        per = np.zeros(len(self.users), dtype=np.int64)
+        for v in self.shared.values():
+            fn = getattr(v, "client_bytes", None)
+            per += fn() if fn is not None else v[0].numel() * v.element_size()
+        if self.n_samples is not None:
+            per += self.n_samples.itemsize
+        return per
 
 
 @dataclass(frozen=True)
@@ -177,15 +196,16 @@ class Shutdown:
 
 
 def stack_sorted(replies: list[TrainReply]) -> TrainReply:
-    """The replies of all workers as one, clients sorted by user id (fixed reduction order)."""
+    """The (decoded) replies of all workers as one, clients sorted by user id (fixed
+    reduction order)."""
     users = np.concatenate([r.users for r in replies])
     order = np.argsort(users, kind="stable")
     ord_t = torch.from_numpy(order)
-    cat = lambda xs: torch.cat(xs)[ord_t]
-    shared = {k: cat([r.shared[k] for r in replies]) for k in replies[0].shared}
-    return TrainReply(replies[0].round, users[order], shared,
-                      np.concatenate([r.n_samples for r in replies])[order],
-                      cat([r.loss for r in replies]), cat([r.kl for r in replies]),
+    shared = {k: torch.cat([r.shared[k] for r in replies])[ord_t] for k in replies[0].shared}
+    n_samples = (None if replies[0].n_samples is None
+                 else np.concatenate([r.n_samples for r in replies])[order])
+    return TrainReply(replies[0].round, users[order], shared, n_samples,
+                      sum(r.loss_sum for r in replies), sum(r.kl_sum for r in replies),
                       max(r.seconds for r in replies))
 
 

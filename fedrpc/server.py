@@ -3,6 +3,9 @@
     sample -> send -> collect -> admit -> aggregate -> group -> fuse -> teach
            -> evaluate -> log -> checkpoint
 
+(fed.protocol=secagg adds a second upload phase after grouping: masked item tables,
+of which the server learns only per-set sums; fedrpc/strategy/secagg.py.)
+
 The server holds the item content features, the `ServerState` (global shared
 parameters, groups, the fusion model, the history) and the strategy (`GFMFR`) that
 decides each step. It never holds interactions or private parameters: it learns the
@@ -25,7 +28,8 @@ import torch
 
 from .config import Config, to_dict
 from .data import Catalogue
-from .messages import CheckpointRequest, EvalRequest, Hello, HelloReply, RestoreRequest
+from .messages import (LOSS_UNIT, CheckpointRequest, EvalRequest, Hello, HelloReply,
+                       RestoreRequest)
 from .metrics import add_sums, finalize
 from .reporting import RunDir
 from .state import (SERVER_FILE, ServerState, check_compatible, checkpoint_dir, manifest_of,
@@ -110,17 +114,27 @@ class Server:
         admitted = self.strategy.admit(st, [replies[k] for k in sorted(replies)], r)
         up = admitted.up
         rec["clients"] = int(len(up.users)) if up is not None else 0
-        rec["loss"] = {"base": float(up.loss.mean()) if up is not None else None,
-                       "kl": float(up.kl.mean()) if up is not None else None}
+        rec["loss"] = _mean_losses([replies[k] for k in sorted(replies)])
         if admitted.rejected:
             rec["rejected"] = {k: len(v) for k, v in admitted.rejected.items()}
         if up is not None:
             self.strategy.aggregate(st, up)
         t["aggregate"] = time.perf_counter() - tic
 
+        # --- secagg: group, then the second upload phase (masked tables, per-set sums)
+        labels = sums = None
+        if self.strategy.secure and up is not None:
+            tic = time.perf_counter()
+            if cfg.gfmfr.enabled:
+                labels = self.strategy.group(st, up, r)
+            t["group"] = time.perf_counter() - tic
+            tic = time.perf_counter()
+            sums, rec["secagg"] = self._secure_upload(r, up, labels, failures)
+            t["upload"] = time.perf_counter() - tic
+
         # --- group clients, fuse content per group, derive the teacher
         if cfg.gfmfr.enabled and up is not None:
-            rec["gfmfr"] = self.strategy.group_fuse_teach(st, up, r, t)
+            rec["gfmfr"] = self.strategy.group_fuse_teach(st, up, r, t, labels, sums)
 
         # --- evaluate (federated: only metric sums come back)
         if self._eval_due(r):
@@ -133,6 +147,19 @@ class Server:
         rec["seconds"] = {k: round(v, 4) for k, v in t.items()}
         rec["bytes"] = self.transport.ledger.round_summary(r)
         return rec
+
+    def _secure_upload(self, r: int, up, labels,
+                       failures: Optional[dict]) -> tuple[dict, dict]:
+        """Phase 2 of secagg: relay the sets' public keys, sum the masked uploads."""
+        hosts = {k: v for k, v in self._live_hosts().items() if k not in (failures or {})}
+        reqs, sets = self.strategy.mask_requests(hosts, up, labels, r)
+        phase2: Optional[dict] = {} if failures is not None else None
+        replies = self.transport.exchange(r, "upload", reqs, self.cfg.runtime.round_timeout_s,
+                                          phase2)
+        lost = [reqs[k].users for k in (phase2 or {})]
+        if phase2:
+            failures.update(phase2)
+        return self.strategy.secure_aggregate(self.state, replies, sets, lost, r)
 
     def _live_hosts(self) -> dict[int, np.ndarray]:
         return {r: u for r, u in self.hosts.items() if r not in self.lost}
@@ -155,7 +182,8 @@ class Server:
         return (r + 1) % e.interval == 0 or r == self.cfg.fed.rounds - 1
 
     def _evaluate(self, r: int, failures: Optional[dict] = None) -> dict:
-        reqs = {rank: EvalRequest(r, self.state.shared, ("valid", "test"), len(users))
+        shared = self.strategy.precision.encode_all(self.state.shared)
+        reqs = {rank: EvalRequest(r, shared, ("valid", "test"), len(users))
                 for rank, users in self._live_hosts().items() if rank not in (failures or {})}
         replies = self.transport.exchange(r, "eval", reqs, self.cfg.runtime.round_timeout_s,
                                           failures)
@@ -232,6 +260,16 @@ class Server:
         self.checkpoint_folder = folder
         log.info("resumed from %s: %d round(s) complete (%.2f s)", folder, self.state.round,
                  time.perf_counter() - t0)
+
+
+def _mean_losses(replies: list) -> dict:
+    """The round's mean base loss and KL over the clients that replied (each worker
+    sends only their sums, in fixed point: exact whatever the number of workers)."""
+    n = sum(len(rep.users) for rep in replies)
+    if not n:
+        return {"base": None, "kl": None}
+    return {"base": sum(rep.loss_sum for rep in replies) * LOSS_UNIT / n,
+            "kl": sum(rep.kl_sum for rep in replies) * LOSS_UNIT / n}
 
 
 def _one_catalogue(hello: dict[int, HelloReply]) -> Catalogue:
@@ -389,9 +427,9 @@ def _progress_line(rec: dict, k: int) -> str:
         v, te = rec["metrics"]["valid"], rec["metrics"]["test"]
         parts.append(f"val HR@{k} {v[f'HR@{k}']:.4f} NDCG@{k} {v[f'NDCG@{k}']:.4f}")
         parts.append(f"test HR@{k} {te[f'HR@{k}']:.4f} NDCG@{k} {te[f'NDCG@{k}']:.4f}")
-    lg = rec["bytes"]["logical"]
-    down = lg.get("train_down", {}).get("mean", 0) / 1e6
-    upb = lg.get("train_up", {}).get("mean", 0) / 1e6
+    lg = rec["bytes"]["logical"]          # train and secagg's upload phase, no eval
+    down = sum(lg.get(k, {}).get("mean", 0) for k in ("train_down", "upload_down")) / 1e6
+    upb = sum(lg.get(k, {}).get("mean", 0) for k in ("train_up", "upload_up")) / 1e6
     parts.append(f"client MB down {down:.3f} up {upb:.3f}")
     parts.append(f"{rec['seconds']['total']:.2f}s")
     return " | ".join(parts)

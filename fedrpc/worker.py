@@ -18,10 +18,10 @@ from .config import Config
 from .data import Interactions, catalogue_of, load_interactions, split_of
 from .messages import (CheckpointReply, CheckpointRequest, EvalReply, EvalRequest, Hello,
                        HelloReply, RestoreReply, RestoreRequest, Shutdown, TrainReply,
-                       TrainRequest)
+                       TrainRequest, fixed_sum)
 from .metrics import evaluate_users
 from .state import ClientStore, save_atomic
-from .strategy import make_backbone_from
+from .strategy import MaskRequest, make_backbone_from, upload_codec
 from .training import LocalSettings, build_client_batches, train_clients
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,7 @@ class Worker:
         self.catalogue = catalogue_of(cfg, inter)
         self.users = shard_users(inter.n_users, n_workers, rank - 1)
         self.backbone = make_backbone_from(cfg)
+        self.codec = upload_codec(cfg, self.backbone)
         self.state = ClientStore.create(self.backbone, self.users, self.n_items, cfg.run.seed,
                                         self.device)
 
@@ -51,6 +52,8 @@ class Worker:
             return self.train(msg)
         if isinstance(msg, EvalRequest):
             return self.evaluate(msg)
+        if isinstance(msg, MaskRequest):          # secagg's second upload phase
+            return self.codec.masked_sums(msg, self._participants)
         if isinstance(msg, Hello):
             c = self.catalogue
             return HelloReply(self.rank, self.users, c.item_ids, c.id_base, c.id_space)
@@ -85,6 +88,10 @@ class Worker:
     def _train(self, req: TrainRequest) -> TrainReply:
         t0 = time.perf_counter()
         s = self.settings(req)
+        self._participants = req.users
+        prec = self.codec.precision                # what was sent is what the clients use
+        shared = prec.decode_all(req.shared)
+        teacher = prec.decode(req.teacher)
         groups = None if req.teacher_row is None else torch.from_numpy(req.teacher_row)
         chunks = [req.users] if self.cfg.fed.batched else [req.users[j:j + 1]
                                                            for j in range(len(req.users))]
@@ -95,16 +102,17 @@ class Worker:
             g = None
             if groups is not None:
                 g = groups[torch.from_numpy(np.searchsorted(req.users, users))]
-            outs.append(train_clients(self.backbone, req.shared, self.state, batch, s,
-                                      req.teacher, g))
+            outs.append(train_clients(self.backbone, shared, self.state, batch, s, teacher, g))
         cat = lambda xs: torch.cat(xs) if len(xs) > 1 else xs[0]
         upload = [p.name for p in self.backbone.shared()]
         if self.cfg.gfmfr.enabled:           # what the server groups by, if not shared
             upload += list(self.backbone.group_only)
-        return TrainReply(req.round, req.users, {k: cat([o.shared[k] for o in outs]) for k in upload},
-                          np.concatenate([o.n_samples for o in outs]),
-                          cat([o.loss for o in outs]), cat([o.kl for o in outs]),
-                          time.perf_counter() - t0)
+        trained = {k: cat([o.shared[k] for o in outs]) for k in upload}
+        n_samples = (np.concatenate([o.n_samples for o in outs])
+                     if self.cfg.fed.aggregation == "samples" else None)
+        return TrainReply(req.round, req.users, self.codec.encode(shared, trained), n_samples,
+                          fixed_sum(cat([o.loss for o in outs])),
+                          fixed_sum(cat([o.kl for o in outs])), time.perf_counter() - t0)
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint(self, req: CheckpointRequest) -> CheckpointReply:
@@ -121,7 +129,8 @@ class Worker:
         t0 = time.perf_counter()
         e = self.cfg.eval
 
-        shared = {k: v.to(self.device) for k, v in req.shared.items()}
+        shared = {k: self.codec.precision.decode(v).to(self.device)
+                  for k, v in req.shared.items()}
 
         def score(users: np.ndarray) -> torch.Tensor:
             slots = self.state.slots(users).to(self.device)

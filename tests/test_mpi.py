@@ -163,9 +163,9 @@ def test_wire_bytes_are_header_plus_buffers():
     shared = {"C": torch.randn(50, 8), "w": torch.randn(8)}
     req = TrainRequest(0, users, shared, 0.1, 1.0, 1.0)
     rep = TrainReply(0, users, {k: v.expand(5, *v.shape).clone() for k, v in shared.items()},
-                     np.ones(5, dtype=np.int64), torch.zeros(5), torch.zeros(5))
+                     np.ones(5, dtype=np.int64), 0, 0)
     arrays = {id(req): 5 * 8 + (50 * 8 + 8) * 4,                 # users, C, w
-              id(rep): 5 * 8 + 5 * (50 * 8 + 8) * 4 + 5 * 8 + 2 * 5 * 4}
+              id(rep): 5 * 8 + 5 * (50 * 8 + 8) * 4 + 5 * 8}  # + n_samples (loss: sums)
     for msg in (req, rep):
         header, views = encode(msg)
         assert wire_bytes(msg) == len(header) + sum(v.nbytes for v in views)
@@ -181,3 +181,20 @@ def test_mpi_launch_errors_are_clear():
         launch_info("mpi", {"PMI_RANK": "0", "PMI_SIZE": "1"})
     info = launch_info("mpi", {"PMI_RANK": "2", "PMI_SIZE": "4"})   # no rendezvous needed
     assert (info.rank, info.world_size, info.launcher) == (2, 4, "mpi")
+
+
+@needs_mpiexec
+@pytest.mark.timeout(300)
+def test_encoded_uploads_cross_mpi_with_the_local_numbers_and_bytes(tmp_path):
+    over = ["fed.protocol=sparse", "fed.precision=bf16"]
+    run_local(load_config(None, SMALL + [f"run.out_dir={tmp_path / 'local'}", *over]))
+    launch = mpiexec(3, tmp_path / "mpi", *over)
+    assert_clean(launch)
+    assert launch.returncodes == [0], launch.text(0)[-3000:]
+    ref, got = rounds(tmp_path / "local"), rounds(tmp_path / "mpi")
+    assert len(got) == len(ref) == 3
+    for a, b in zip(got, ref):
+        assert (a["metrics"], a["loss"]) == (b["metrics"], b["loss"])
+        assert a["bytes"]["logical"] == b["bytes"]["logical"]
+        for pair in a["bytes"]["physical"].values():   # tensors out of band + a pickle
+            assert pair["payload"] < pair["wire"] < pair["payload"] + 2000

@@ -183,13 +183,13 @@ def test_hostile_uploads_never_enter_the_mean():
               for k, v in shared.items()}
         if poison is not None:
             up["Q"][poison[0]] = poison[1](up["Q"][poison[0]])
-        return TrainReply(0, np.array(users), up, np.full(n, 5), torch.zeros(n), torch.zeros(n))
+        return TrainReply(0, np.array(users), up, None)
 
     honest = reply([0, 1, 2, 3])
     nan = reply([4], (0, lambda q: q * float("nan")))
     huge = reply([5], (0, lambda q: q * 1e6))
     wrong = TrainReply(0, np.array([6]), {**reply([6]).shared, "Q": torch.zeros(1, 49, 8)},
-                       np.full(1, 5), torch.zeros(1), torch.zeros(1))
+                       None)
     admitted = strategy.admit(state, [honest, nan, huge, wrong], 0)
     assert admitted.up.users.tolist() == [0, 1, 2, 3]
     assert {k: sorted(v) for k, v in admitted.rejected.items()} == {

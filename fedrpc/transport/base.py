@@ -52,7 +52,7 @@ class WorkerError(RuntimeError):
 @dataclass
 class Record:
     round: int
-    kind: str                 # train | eval | hello | shutdown
+    kind: str                 # train | upload (secagg's second phase) | eval | hello | ...
     direction: str            # down (server -> worker) | up (worker -> server)
     src: int
     dst: int
@@ -170,7 +170,7 @@ class Transport(ABC):
 
     def _late(self, timeout: float, why: str = "") -> str:
         """The error of a worker that did not answer the current exchange in time."""
-        key = "runtime.round_timeout_s" if self._kind in ("train", "eval") \
+        key = "runtime.round_timeout_s" if self._kind in ("train", "upload", "eval") \
             else "runtime.startup_timeout_s"
         return f"no reply within {timeout:g} s ({key}){why} ({self._where})"
 

@@ -21,10 +21,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import algorithms as alg
-from .config import Config
-from .messages import TrainReply, TrainRequest, stack_sorted
-from .models import BACKBONES, Backbone, make_backbone
+from .. import algorithms as alg
+from ..config import Config
+from ..messages import TrainReply, TrainRequest, stack_sorted
+from ..models import BACKBONES, Backbone, make_backbone
+from .codec import UploadCodec, make_codec
+from .precision import Precision
+from .secagg import PUBKEY, MaskedSums, MaskRequest, from_ring, secure_sets
 
 log = logging.getLogger(__name__)
 SAMPLING = 0x5A  # purpose id of the participant-sampling stream
@@ -34,6 +37,11 @@ SAMPLING = 0x5A  # purpose id of the participant-sampling stream
 def make_backbone_from(cfg: Config) -> Backbone:
     f = cfg.fed
     return make_backbone(f.backbone, f.latent_dim, f.alpha, f.beta)
+
+
+def upload_codec(cfg: Config, backbone: Backbone) -> UploadCodec:
+    """The codec of fed.protocol at fed.precision (workers encode, the server decodes)."""
+    return make_codec(cfg.fed.protocol, cfg.fed.precision, backbone.item_table)
 
 
 def learning_rates(cfg: Config) -> dict[str, float]:
@@ -92,6 +100,8 @@ class GFMFR:
         self.cfg, self.features = cfg, features
         self.device = torch.device(device)
         self.backbone = make_backbone_from(cfg)
+        self.codec = upload_codec(cfg, self.backbone)
+        self.precision = self.codec.precision
 
     # -- requests ------------------------------------------------------------------
     def rates(self, r: int) -> dict[str, float]:
@@ -103,8 +113,9 @@ class GFMFR:
     def train_requests(self, state, hosts: dict[int, np.ndarray], participants: np.ndarray,
                        r: int) -> dict[int, TrainRequest]:
         """One request per worker hosting participants: the global shared parameters and,
-        for clients that have a group, their group's teacher row."""
+        for clients that have a group, their group's teacher row (at fed.precision)."""
         rates, out = self.rates(r), {}
+        shared = self.precision.encode_all(state.shared)
         for rank, hosted in hosts.items():
             users = participants[np.isin(participants, hosted)]
             if len(users) == 0:
@@ -115,8 +126,8 @@ class GFMFR:
                 present = np.unique(g[g >= 0])
                 if len(present):        # clients never grouped yet train without teacher
                     rows = np.where(g >= 0, np.searchsorted(present, g), -1).astype(np.int64)
-                    teacher = state.teacher[torch.from_numpy(present)]
-            out[rank] = TrainRequest(r, users, state.shared, **rates, teacher=teacher,
+                    teacher = self.precision.encode(state.teacher[torch.from_numpy(present)])
+            out[rank] = TrainRequest(r, users, shared, **rates, teacher=teacher,
                                      teacher_row=rows)
         return out
 
@@ -124,11 +135,19 @@ class GFMFR:
     def admit(self, state, replies: list[TrainReply], r: int) -> Admitted:
         """Uploads that may be averaged: right shapes and dtypes, finite, and (with
         fed.max_update_norm) an update norm within that many times the round's median.
-        Every rejected client is counted and named in the log."""
+        Uploads are decoded first (fed.protocol); one the codec cannot decode is
+        malformed. Every rejected client is counted and named in the log."""
         rejected: dict[str, list[int]] = {}
         ok, expected = [], self.upload_shapes(state)
+        sent = self.sent(state)
         for rep in replies:
             n = len(rep.users)
+            try:
+                rep = self.decode(rep, sent)
+            except ValueError as e:
+                log.warning("round %d: undecodable upload: %s", r, e)
+                rejected.setdefault("shape_or_dtype", []).extend(rep.users.tolist())
+                continue
             if set(rep.shared) != set(expected) or any(
                     rep.shared[k].dtype != dt or tuple(rep.shared[k].shape) != (n, *shape)
                     for k, (shape, dt) in expected.items()):
@@ -164,10 +183,26 @@ class GFMFR:
             up = _select(up, keep.numpy())
         return Admitted(up, _logged(rejected, r))
 
+    def sent(self, state) -> dict[str, Tensor]:
+        """The shared parameters as the clients received them this round (fp32)."""
+        return {k: self.precision.round_trip(v) for k, v in state.shared.items()}
+
+    def decode(self, rep: TrainReply, sent: dict[str, Tensor]) -> TrainReply:
+        """A worker's reply with its uploads decoded to dense fp32 tensors."""
+        if self.cfg.fed.aggregation == "samples" and (
+                rep.n_samples is None or rep.n_samples.shape != rep.users.shape):
+            raise ValueError("fed.aggregation=samples needs each client's sample count")
+        shared = self.codec.decode(sent, rep.shared, len(rep.users))
+        return TrainReply(rep.round, rep.users, shared, rep.n_samples, rep.loss_sum,
+                          rep.kl_sum, rep.seconds)
+
     def upload_shapes(self, state) -> dict[str, tuple]:
         """Each uploaded parameter's per-client shape and dtype: the shared parameters,
         and with GFMFR a backbone's group-only head (what the server groups by)."""
         out = {k: (tuple(v.shape), v.dtype) for k, v in state.shared.items()}
+        if self.secure:                  # the table comes masked, in the second phase
+            del out[self.backbone.item_table]
+            out[PUBKEY] = ((32,), torch.uint8)
         if self.cfg.gfmfr.enabled:
             n_items = state.shared[self.backbone.item_table].shape[0]
             for p in self.backbone.private():
@@ -178,13 +213,87 @@ class GFMFR:
     def aggregate(self, state, up: TrainReply) -> None:
         weights = (torch.from_numpy(up.n_samples).double()
                    if self.cfg.fed.aggregation == "samples" else None)
-        state.shared = alg.mean_aggregate(
-            {p.name: up.shared[p.name] for p in self.backbone.shared()}, weights)
+        # under secagg the item table is not among them: it comes as per-set sums
+        present = {p.name: up.shared[p.name] for p in self.backbone.shared()
+                   if p.name in up.shared}
+        mean = alg.mean_aggregate(present, weights) if present else {}
+        state.shared = {k: mean.get(k, v) for k, v in state.shared.items()}
+
+    @property
+    def secure(self) -> bool:
+        return self.cfg.fed.protocol == "secagg"
+
+    # -- secure group aggregation (secagg.py) --------------------------------------
+    def mask_requests(self, hosts: dict[int, np.ndarray], up: TrainReply,
+                      labels: Optional[np.ndarray], r: int) -> tuple[dict, dict]:
+        """Phase 2's requests (per worker) and the sets: {set id: groups it holds}."""
+        n_groups = self.cfg.gfmfr.groups if labels is not None else 1
+        lab = labels if labels is not None else np.zeros(len(up.users), dtype=np.int64)
+        set_of, groups_of = secure_sets(lab, n_groups, self.cfg.gfmfr.min_group_size)
+        members = {s: up.users[set_of == s] for s in groups_of}
+        keys = {s: up.shared[PUBKEY][torch.from_numpy(set_of == s)] for s in groups_of}
+        out = {}
+        for rank, hosted in hosts.items():
+            mine = np.isin(up.users, hosted) & (set_of >= 0)
+            if mine.any():
+                sets = set(set_of[mine].tolist())
+                out[rank] = MaskRequest(r, up.users[mine], set_of[mine],
+                                        {s: members[s] for s in sets},
+                                        {s: keys[s] for s in sets})
+        return out, {s: (groups_of[s], members[s]) for s in groups_of}
+
+    def secure_aggregate(self, state, replies: dict[int, MaskedSums], sets: dict,
+                         failed: list, r: int) -> tuple[dict, dict]:
+        """Sum each set's masked uploads (masks cancel); a set with a member on a worker
+        that failed in phase 2 is abandoned. Updates the global item table with the mean
+        over complete sets; returns {set id: (groups, members, mean table)} and a record."""
+        bb = self.backbone
+        shape = tuple(state.shared[bb.item_table].shape)
+        total = {s: torch.zeros(shape, dtype=torch.int64) for s in sets}
+        for rank in sorted(replies):
+            for s, part in zip(replies[rank].set_ids.tolist(), replies[rank].sums):
+                total[s] += part.to(torch.int64)
+        done, abandoned = {}, []
+        for s, (groups, members) in sets.items():
+            if any(np.isin(members, lost).any() for lost in failed):   # users per failed rank
+                abandoned.append(s)
+            else:
+                done[s] = (groups, members, from_ring(total[s]))
+        n = sum(len(m) for _, m, _ in done.values())
+        if n:
+            table = sum(v for _, _, v in done.values()) / n
+            state.shared = {**state.shared, bb.item_table: table.float()}
+        rec = {"sets": len(sets), "set_sizes": [int(len(m)) for _, m in sets.values()],
+               "abandoned_sets": len(abandoned),
+               "clients_abandoned": int(sum(len(sets[s][1]) for s in abandoned))}
+        if abandoned:
+            log.warning("round %d: secagg: %d set(s) abandoned (a worker failed between the "
+                        "phases; no dropout recovery): the table averages the other sets",
+                        r, len(abandoned))
+        return {s: (g, m, v / len(m)) for s, (g, m, v) in done.items()}, rec
+
+    def secure_targets(self, state, sums: dict) -> tuple[Tensor, dict]:
+        """group_targets from per-set means: a group that is a set of its own (small
+        groups possibly merged in) takes its set's mean; every other group the mean over
+        all complete sets (group_targets' fallback for groups below min_group_size)."""
+        g = self.cfg.gfmfr
+        table = state.shared[self.backbone.item_table]
+        targets = table.unsqueeze(0).repeat(g.groups, 1, 1)
+        fallback = set(range(g.groups))
+        present = torch.zeros(g.groups, dtype=torch.bool)
+        for s, (groups, _, mean) in sums.items():
+            if s < g.groups:                  # set id = its (first) group; g.groups = rest
+                targets[s] = mean.float()
+                fallback.discard(s)
+            present[list(groups)] = True
+        return targets, {"n_excluded_nonfinite": 0, "n_excluded_outlier": 0,
+                         "fallback": sorted(fallback), "group_ok": present}
 
     # -- grouping, fusion, teacher -------------------------------------------------
-    def group_fuse_teach(self, state, up: TrainReply, r: int, t: dict) -> dict:
+    def group(self, state, up: TrainReply, r: int) -> np.ndarray:
+        """Each admitted client's group, from its uploaded head (aligned with the last
+        round's groups)."""
         g, bb = self.cfg.gfmfr, self.backbone
-        tic = time.perf_counter()
         head = torch.cat([up.shared[n].reshape(len(up.users), -1) for n in bb.head], 1)
         labels = alg.group_clients(head.double().numpy(), g.groups, g.clustering,
                                    g.pca or None, seed=self.cfg.run.seed * 1000 + r)
@@ -192,9 +301,23 @@ class GFMFR:
                                   g.groups)
         state.prev_users, state.prev_labels = up.users, labels
         state.group_of_user[up.users] = labels
-        targets, info = alg.group_targets(up.shared[bb.item_table], labels, g.groups,
-                                          g.min_group_size, g.outlier_factor)
-        t["group"] = time.perf_counter() - tic
+        return labels
+
+    def group_fuse_teach(self, state, up: TrainReply, r: int, t: dict,
+                         labels: Optional[np.ndarray] = None,
+                         sums: Optional[dict] = None) -> dict:
+        """`labels`: the groups when already formed this round; `sums`: secagg's per-set
+        means (the targets then come from them, not from per-client tables)."""
+        g, bb = self.cfg.gfmfr, self.backbone
+        tic = time.perf_counter()
+        if labels is None:
+            labels = self.group(state, up, r)
+        if self.secure:
+            targets, info = self.secure_targets(state, sums or {})
+        else:
+            targets, info = alg.group_targets(up.shared[bb.item_table], labels, g.groups,
+                                              g.min_group_size, g.outlier_factor)
+        t["group"] = t.get("group", 0.0) + time.perf_counter() - tic
 
         tic = time.perf_counter()
         fz, opt = self.fusion_model(state)
@@ -265,7 +388,8 @@ def _group_means(values: Tensor, labels: np.ndarray, n_groups: int, fallback: Te
 def _select(up: TrainReply, keep: np.ndarray) -> TrainReply:
     k = torch.from_numpy(keep)
     return TrainReply(up.round, up.users[keep], {n: v[k] for n, v in up.shared.items()},
-                      up.n_samples[keep], up.loss[k], up.kl[k], up.seconds)
+                      None if up.n_samples is None else up.n_samples[keep], up.loss_sum,
+                      up.kl_sum, up.seconds)
 
 
 def _logged(rejected: dict, round_: int) -> dict:
