@@ -26,7 +26,6 @@ from ..config import Config
 from ..messages import TrainReply, TrainRequest, stack_sorted
 from ..models import BACKBONES, Backbone, make_backbone
 from .codec import UploadCodec, make_codec
-from .precision import Precision
 from .secagg import PUBKEY, MaskedSums, MaskRequest, from_ring, secure_sets
 
 log = logging.getLogger(__name__)
