@@ -87,7 +87,7 @@ def _plots(runs: dict[str, list[dict]], k: int, out: Path) -> list[tuple[str, Pa
                 ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         fig.tight_layout()
         path = out / f"{name}.png"
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=110, bbox_inches="tight")   # legends sit below the axes
         plt.close(fig)
         made.append((title, path))
 
@@ -100,7 +100,7 @@ def _plots(runs: dict[str, list[dict]], k: int, out: Path) -> list[tuple[str, Pa
                     color=ax.lines[-1].get_color())
     for ax, m in zip(axes, ("HR", "NDCG")):
         ax.set(xlabel="round", ylabel=f"{m}@{k}", title=f"{m}@{k}: test (solid), valid (dotted)")
-        ax.legend(fontsize=7)
+        _legend(ax)
     save(fig, "metrics", f"Test and validation HR@{k} / NDCG@{k} over rounds")
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -114,7 +114,7 @@ def _plots(runs: dict[str, list[dict]], k: int, out: Path) -> list[tuple[str, Pa
     axes[1].set(xlabel="round", ylabel="MB per client",
                 title="Cumulative logical MB per client (down + up)")
     for ax in axes:
-        ax.legend(fontsize=7)
+        _legend(ax)
     save(fig, "bytes_per_client", "Logical bytes per client (what a device sends/receives)")
 
     fig, ax = plt.subplots(figsize=(11, 4))
@@ -123,7 +123,7 @@ def _plots(runs: dict[str, list[dict]], k: int, out: Path) -> list[tuple[str, Pa
             ax.plot([r["round"] for r in rs], [r["pairs"].get(pair, 0) / MB for r in rs],
                     label=f"{name} {pair}")
     ax.set(xlabel="round", ylabel="MB (payload)", title="Physical MB per rank pair per round")
-    ax.legend(fontsize=6, ncol=2)
+    _legend(ax, 4)
     save(fig, "physical", "Physical bytes per rank pair (what crossed between ranks)")
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -133,7 +133,7 @@ def _plots(runs: dict[str, list[dict]], k: int, out: Path) -> list[tuple[str, Pa
                 marker=".", label=name)
     ax.set(xlabel="cumulative MB per client", ylabel=f"test HR@{k}",
            title="Communication efficiency")
-    ax.legend(fontsize=7)
+    _legend(ax)
     save(fig, "efficiency", f"Test HR@{k} against cumulative MB per client")
 
     fig, ax = plt.subplots(figsize=(7, 0.6 * len(runs) + 1.5))
@@ -144,7 +144,7 @@ def _plots(runs: dict[str, list[dict]], k: int, out: Path) -> list[tuple[str, Pa
         ax.barh(names, vals, left=left, label=ph)
         left = [a + b for a, b in zip(left, vals)]
     ax.set(xlabel="seconds per round (mean)", title="Seconds by phase")
-    ax.legend(fontsize=7, ncol=len(PHASES))
+    _legend(ax, len(PHASES))
     save(fig, "seconds", "Seconds per round by phase")
 
     grouped = {n: rs for n, rs in runs.items() if any(r["group_sizes"] for r in rs)}
@@ -156,9 +156,16 @@ def _plots(runs: dict[str, list[dict]], k: int, out: Path) -> list[tuple[str, Pa
                 ax.plot([r["round"] for r in rs], [s[g] if g < len(s) else 0 for s in sizes],
                         label=f"{name} group {g}")
         ax.set(xlabel="round", ylabel="clients", title="Group sizes over rounds")
-        ax.legend(fontsize=6, ncol=3)
+        _legend(ax, 3)
         save(fig, "groups", "Group sizes over rounds")
     return made
+
+
+def _legend(ax, ncol=2) -> None:
+    """The legend below the axes, never over the curves (runs with identical numbers
+    draw on top of each other: the legend still names each)."""
+    ax.legend(fontsize=7, ncol=ncol, loc="upper center", bbox_to_anchor=(0.5, -0.16),
+              frameon=False)
 
 
 def _table(runs: dict[str, list[dict]], k: int) -> str:
