@@ -16,11 +16,11 @@ from fedrpc.strategy.sparse import SparseRows
 from fedrpc.training import build_client_batches
 from fedrpc.worker import Worker
 
-SMALL = ["data.synthetic.users=30", "data.synthetic.items=50",
-         "data.synthetic.mean_interactions=10", "data.synthetic.min_interactions=5",
-         "fed.latent_dim=8", "fed.local_epochs=1", "fed.batch_size=32", "fed.rounds=2",
-         "gfmfr.groups=3", "gfmfr.fusion_epochs=3", "run.progress=false",
-         "encoder.cache=false", "fed.backbone=fedavgmf"]
+import launch
+
+# the small federation of the multi-process tests, every client taking part (later
+# overrides win)
+SMALL = launch.SMALL + ["fed.rounds=2", "fed.client_fraction=1.0", "fed.backbone=fedavgmf"]
 D = 8
 
 
