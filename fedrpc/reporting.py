@@ -99,11 +99,10 @@ class RunDir:
         there; lines of rounds after the checkpoint are dropped, failure records kept)."""
         if not self.rounds.is_file():
             return
-        keep = [line for line in self.rounds.read_text().splitlines()
-                if line.strip() and (json.loads(line)["round"] < completed
-                                     or "failure" in json.loads(line))]
+        recs = [json.loads(line) for line in self.rounds.read_text().splitlines() if line.strip()]
+        keep = [r for r in recs if r["round"] < completed or "failure" in r]
         tmp = self.rounds.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
+        tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in keep))
         os.replace(tmp, self.rounds)
 
     def append(self, rec: dict) -> None:

@@ -410,7 +410,7 @@ def _ignore_stop_signals(info: RankInfo) -> None:
         log.info("worker rank %d: %s received; the server stops the run after a checkpoint",
                  info.rank, signal.Signals(signum).name)
     if threading.current_thread() is threading.main_thread():
-        for name in ("SIGTERM", "SIGUSR1", "SIGINT"):
+        for name in StopSignals.NAMES:
             if hasattr(signal, name):
                 signal.signal(getattr(signal, name), note)
 
