@@ -29,17 +29,19 @@ def _straightforward(worker: Worker, req: TrainRequest) -> None:
     for u in req.users.tolist():
         batch = build_client_batches(np.array([u]), split.train_indptr, split.train_items,
                                      worker.n_items, s)
-        slot = int(worker.state.slots(np.array([u]))[0])
+        slot = worker.state.slots(np.array([u]))
+        private = {k: v[slot][0] for k, v in worker.state.private.items()}
+        private.update({k: v[0] for k, v in worker.state.dense_tables(slot).items()})
         params, groups = {}, []
         for p in bb.params():
-            src = req.shared[p.name] if p.shared else worker.state.private[p.name][slot]
+            src = req.shared[p.name] if p.shared else private[p.name]
             params[p.name] = torch.nn.Parameter(src.clone())
             lr = (s.lr_item if p.shared else s.lr_private_item) if p.table else s.lr
             groups.append({"params": [params[p.name]], "lr": lr})
         opt = torch.optim.SGD(groups, lr=s.lr, weight_decay=s.weight_decay)
         for step in range(int(batch.steps[0])):
             v = torch.from_numpy(batch.valid[0, step])
-            it = torch.from_numpy(batch.items[0, step])[v]
+            it = torch.from_numpy(batch.sample_items()[0, step])[v]
             y = torch.from_numpy(batch.labels[0, step])[v]
             rows = {p.name: params[p.name][it].unsqueeze(0) for p in bb.params() if p.table}
             dense = {p.name: params[p.name].unsqueeze(0) for p in bb.params() if not p.table}

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from .config import Config, ConfigError, to_dict
+from .rows import Rows, membership
 
 log = logging.getLogger(__name__)
 
@@ -106,23 +107,38 @@ def _np(t: Optional[Tensor]) -> Optional[np.ndarray]:
 # ---------------------------------------------------------------------- client store
 @dataclass
 class ClientStore:
-    """Private state of the clients a worker hosts (rows follow `users`, sorted)."""
+    """Private state of the clients a worker hosts (rows follow `users`, sorted).
+
+    Dense private parameters (user vectors, heads) are [M, ...] tensors. A private item
+    table is stored sparsely: only the rows a client has trained, keyed by
+    slot * I + item (ascending); every other row is the client's initial value,
+    regenerated on demand from its own stream (zeros for most backbones), never
+    materialised for all items. Memory grows with the rows clients touch.
+    """
     users: np.ndarray
-    private: dict[str, Tensor]          # [M, ...] per parameter
+    private: dict[str, Tensor]          # dense private params, [M, ...] each
     ratio: Tensor                       # [M] EMA of L_base / KL; NaN = not yet set
+    tables: dict = field(default_factory=dict)   # name -> (keys int64 [nnz], values [nnz, d])
+    n_items: int = 0
+    backbone: Any = None
+    seed: int = 0
     device: torch.device = torch.device("cpu")
-    _undo: Optional[tuple] = None       # (round, slots, private rows, ratio) before training
+    _undo: Optional[tuple] = None       # (round, slots, dense rows, ratio, tables) before training
 
     @classmethod
     def create(cls, backbone, users: np.ndarray, n_items: int, seed: int,
                device: torch.device | str = "cpu") -> "ClientStore":
-        """Private parameters drawn on the CPU from each user's own stream (so they do not
-        depend on the device or the packing), then kept on `device`."""
-        per_user = [backbone.init_private(n_items, seed, int(u)) for u in users]
+        """Dense private parameters drawn on the CPU from each user's own stream (so they
+        do not depend on the device or the packing), then kept on `device`; private
+        tables start empty (every row at its initial value)."""
+        per_user = [backbone.init_private(n_items, seed, int(u), tables=False) for u in users]
         private = {p.name: torch.stack([pu[p.name] for pu in per_user]).to(device)
-                   for p in backbone.private()}
+                   if len(per_user) else torch.zeros((0, *p.shape)).to(device)
+                   for p in backbone.private() if not p.table}
+        tables = {p.name: (np.empty(0, np.int64), torch.zeros(0, backbone.d, device=device))
+                  for p in backbone.private() if p.table}
         return cls(users, private, torch.full((len(users),), float("nan"), device=device),
-                   torch.device(device))
+                   tables, n_items, backbone, seed, torch.device(device))
 
     def slots(self, users: np.ndarray) -> Tensor:
         idx = np.searchsorted(self.users, users)
@@ -130,31 +146,103 @@ class ClientStore:
             raise KeyError("some users are not hosted here")
         return torch.from_numpy(idx.astype(np.int64))
 
+    # -- private tables -------------------------------------------------------------
+    def _keys(self, users: np.ndarray, counts: np.ndarray, items: np.ndarray) -> np.ndarray:
+        slots = self.slots(users).numpy()
+        return np.repeat(slots, counts) * self.n_items + items
+
+    def table_rows(self, name: str, users: np.ndarray, counts: np.ndarray,
+                   items: np.ndarray) -> Tensor:
+        """[K, d] rows of private table `name`: for users[j], its rows at the next
+        counts[j] of `items` (trained value where stored, else its initial value)."""
+        keys = self._keys(users, counts, items)
+        out = self._initial(name, users, counts, items)
+        stored_keys, values = self.tables[name]
+        hit, pos = membership(stored_keys, keys)
+        if hit.any():
+            out[torch.from_numpy(np.nonzero(hit)[0]).to(self.device)] = \
+                values[torch.from_numpy(pos[hit]).to(self.device)]
+        return out
+
+    def _initial(self, name: str, users: np.ndarray, counts: np.ndarray,
+                 items: np.ndarray) -> Tensor:
+        p = next(q for q in self.backbone.private() if q.name == name)
+        if p.init == "zeros":
+            return torch.zeros(len(items), self.backbone.d, device=self.device)
+        starts = np.concatenate([[0], np.cumsum(counts)])
+        parts = [self.backbone.init_private(self.n_items, self.seed, int(u))[name][
+            torch.from_numpy(items[starts[j]:starts[j + 1]])] for j, u in enumerate(users)]
+        return (torch.cat(parts) if parts else torch.zeros(0, self.backbone.d)).to(self.device)
+
+    def put_rows(self, name: str, users: np.ndarray, counts: np.ndarray, items: np.ndarray,
+                 values: Tensor) -> None:
+        """Store trained rows (replacing any stored value of the same user and item)."""
+        keys = self._keys(users, counts, items)
+        old_keys, old_values = self.tables[name]
+        keep = ~membership(np.sort(keys), old_keys)[0]
+        all_keys = np.concatenate([old_keys[keep], keys])
+        order = np.argsort(all_keys, kind="stable")
+        vals = torch.cat([old_values[torch.from_numpy(np.nonzero(keep)[0]).to(self.device)],
+                          values.detach().to(self.device)])
+        self.tables[name] = (all_keys[order], vals[torch.from_numpy(order).to(self.device)])
+
+    def _drop(self, name: str, slots: np.ndarray) -> None:
+        """Forget the stored rows of the clients at `slots` (back to initial values)."""
+        keys, values = self.tables[name]
+        keep = ~np.isin(keys // max(self.n_items, 1), slots)
+        self.tables[name] = (keys[keep], values[torch.from_numpy(np.nonzero(keep)[0]).to(self.device)])
+
+    def dense_tables(self, slots: Tensor) -> dict[str, Tensor]:
+        """{name: [n, I, d]} the full private tables of the clients at `slots` (evaluation
+        builds them per batch of users)."""
+        users = self.users[slots.cpu().numpy()]
+        out = {}
+        all_items = np.tile(np.arange(self.n_items), len(users))
+        counts = np.full(len(users), self.n_items)
+        for name in self.tables:
+            out[name] = self.table_rows(name, users, counts, all_items).view(
+                len(users), self.n_items, -1)
+        return out
+
+    def stored_rows(self) -> int:
+        return sum(len(k) for k, _ in self.tables.values())
+
     # -- a round's undo copy --------------------------------------------------------
     def begin_round(self, round_: int, users: np.ndarray) -> None:
-        """Remember the rows `users` train on in round `round_` until it is settled."""
+        """Remember the rows `users` train on in round `round_` until it is settled
+        (private tables are replaced, never changed in place: the old ones are kept)."""
         self.settle(round_)                       # an earlier round is complete by now
         slots = self.slots(users).to(self.device)
         self._undo = (round_, slots, {k: v[slots].clone() for k, v in self.private.items()},
-                      self.ratio[slots].clone())
+                      self.ratio[slots].clone(), dict(self.tables))
 
     def settle(self, completed: int) -> None:
         """`completed` rounds are complete on the server: keep a trained round below it,
         roll back one at or above it (it failed somewhere)."""
         if self._undo is None:
             return
-        round_, slots, rows, ratio = self._undo
+        round_, slots, rows, ratio, tables = self._undo
         if round_ >= completed:
             for k, v in rows.items():
                 self.private[k][slots] = v
             self.ratio[slots] = ratio
+            self.tables = tables
             log.info("round %d did not complete: its local training is rolled back", round_)
         self._undo = None
 
     # -- checkpoints ----------------------------------------------------------------
     def state_dict(self) -> dict:
+        """Keyed by user id: dense rows per user; table rows as (counts per user, item
+        ids, values)."""
+        tables = {}
+        for name, (keys, values) in self.tables.items():
+            slot, item = np.divmod(keys, self.n_items) if len(keys) else (keys, keys)
+            tables[name] = {"counts": torch.from_numpy(np.bincount(slot, minlength=len(self.users))
+                                                       .astype(np.int64)),
+                            "items": torch.from_numpy(item.astype(np.int64)),
+                            "values": values.cpu()}
         return {"users": torch.from_numpy(self.users), "ratio": self.ratio.cpu(),
-                "private": {k: v.cpu() for k, v in self.private.items()}}
+                "private": {k: v.cpu() for k, v in self.private.items()}, "tables": tables}
 
     def load_rows(self, files: list[Path]) -> int:
         """Take this store's users' rows from client files (earlier files win where a
@@ -174,6 +262,12 @@ class ClientStore:
             for k in self.private:
                 self.private[k][mine] = sd["private"][k].index_select(0, src).to(self.device)
             self.ratio[mine] = sd["ratio"].index_select(0, src).to(self.device)
+            for name, t in sd.get("tables", {}).items():
+                self._drop(name, np.nonzero(hit)[0])
+                rows = Rows(t["counts"], t["items"], t["values"],
+                            torch.zeros(self.n_items, self.backbone.d))[src]
+                self.put_rows(name, self.users[hit], rows.counts.numpy(), rows.index.numpy(),
+                              rows.values)
             todo &= ~hit
         return int((~todo).sum())
 

@@ -31,6 +31,7 @@ from torch import Tensor
 from .config import FedConfig, GFMFRConfig
 from .data.sampling import TRAIN_NEGATIVES, negatives_for_users, user_rng
 from .models.backbones import Backbone, FedRAP
+from .rows import Rows
 from .state import ClientStore
 from .strategy import distill
 
@@ -60,14 +61,25 @@ class LocalSettings:
 
 @dataclass
 class ClientBatch:
-    """What N clients train on this round, in user-id order."""
+    """What N clients train on this round, in user-id order.
+
+    Each client's table rows are packed: client c owns packed rows
+    offsets[c] .. offsets[c + 1] - 1, one per distinct item of its samples (`items`,
+    ascending within the client); `rows` names a sample's packed row (row K, one past
+    the last, is padding)."""
     users: np.ndarray                       # [N] global user ids
-    items: np.ndarray                       # [N, S_max, B] item ids (0 where padding)
+    rows: np.ndarray                        # [N, S_max, B] packed row of each sample
     labels: np.ndarray                      # [N, S_max, B] float32
     valid: np.ndarray                       # [N, S_max, B] bool
     steps: np.ndarray                       # [N] steps of each client
     n_samples: np.ndarray                   # [N] samples per epoch
     n_items: int
+    counts: np.ndarray                      # [N] distinct items (packed rows) per client
+    items: np.ndarray                       # [K] item id of each packed row
+
+    def sample_items(self) -> np.ndarray:
+        """[N, S_max, B] the item id of each sample (0 where padding)."""
+        return np.append(self.items, 0)[self.rows]
 
 
 def build_client_batches(users: np.ndarray, train_indptr: np.ndarray, train_items: np.ndarray,
@@ -86,49 +98,61 @@ def build_client_batches(users: np.ndarray, train_indptr: np.ndarray, train_item
     n_samples = np.array([len(p) + len(q) for p, q in zip(pos, negs)], dtype=np.int64)
     per_epoch = -(-n_samples // s.batch_size)
     steps = per_epoch * s.epochs
+    samples = [np.concatenate([p, q]) for p, q in zip(pos, negs)]
+    distinct = [np.unique(it, return_inverse=True) for it in samples]
+    n_rows = np.array([len(d[0]) for d in distinct], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(n_rows)])
     B, S = s.batch_size, int(steps.max(initial=0))
-    items = np.zeros((len(users), S, B), dtype=np.int64)
+    rows = np.full((len(users), S, B), offsets[-1], dtype=np.int64)    # padding: row K
     labels = np.zeros((len(users), S, B), dtype=np.float32)
     valid = np.zeros((len(users), S, B), dtype=bool)
     for c, u in enumerate(users.tolist()):
-        it = np.concatenate([pos[c], negs[c]])
+        row = offsets[c] + distinct[c][1].reshape(-1)
         y = np.concatenate([np.ones(len(pos[c]), np.float32), np.zeros(len(negs[c]), np.float32)])
         rng = user_rng(s.seed, s.round, u, SHUFFLE)
         for e in range(s.epochs):
-            order = rng.permutation(len(it))
-            rows = slice(e * per_epoch[c], (e + 1) * per_epoch[c])
-            # an epoch's minibatches are contiguous: fill them flat, padding stays zero
-            items[c, rows].reshape(-1)[:len(it)] = it[order]
-            labels[c, rows].reshape(-1)[:len(it)] = y[order]
-            valid[c, rows].reshape(-1)[:len(it)] = True
-    return ClientBatch(users, items, labels, valid, steps, n_samples, n_items)
+            order = rng.permutation(len(row))
+            span = slice(e * per_epoch[c], (e + 1) * per_epoch[c])
+            # an epoch's minibatches are contiguous: fill them flat, padding stays
+            rows[c, span].reshape(-1)[:len(row)] = row[order]
+            labels[c, span].reshape(-1)[:len(row)] = y[order]
+            valid[c, span].reshape(-1)[:len(row)] = True
+    items = (np.concatenate([d[0] for d in distinct]) if len(distinct)
+             else np.zeros(0, np.int64)).astype(np.int64)
+    return ClientBatch(users, rows, labels, valid, steps, n_samples, n_items, n_rows, items)
 
 
 @dataclass
 class TrainOutput:
-    shared: dict[str, Tensor]           # [N, ...] each client's trained shared params
-                                        # (and its backbone's group_only private params)
+    shared: dict                        # each client's trained shared params: [N, ...]
+                                        # tensors, the item table as `Rows` over the
+                                        # global table (and the backbone's group_only
+                                        # private params)
     loss: Tensor                        # [N] mean base loss over the client's steps
     kl: Tensor                          # [N] mean KL over the client's steps (0 if none)
     n_samples: np.ndarray
 
 
-def _sgd_rows(table: Tensor, flat: Tensor, grad: Tensor, valid: Tensor, lr: float,
-              wd: float) -> None:
-    """SGD on rows `flat` [K] of `table` viewed as [M * I, d], with gradients `grad` [K, d].
+def _touched(flat: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The valid samples' positions in `flat` [K], the distinct rows they touch, and
+    each valid sample's index among those rows (shared by every table of a step)."""
+    pos = valid.nonzero().reshape(-1)
+    uniq, inv = torch.unique(flat.index_select(0, pos), return_inverse=True)
+    return pos, uniq, inv
 
-    Gradients of a repeated row add up; weight decay applies once to each row that a
-    valid sample touched (padding carries zero gradient and no decay).
+
+def _sgd_rows(table: Tensor, touched: tuple[Tensor, Tensor, Tensor], grad: Tensor,
+              lr: float, wd: float) -> None:
+    """SGD on the rows of `table` [R, d] a step's valid samples touched (`_touched`),
+    with the samples' gradients `grad` [K, d] (padding takes no step).
+
+    Gradients of a repeated row add up; weight decay applies once to each touched row.
     """
-    d = table.shape[-1]
-    view = table.view(-1, d)
-    uniq, inv = torch.unique(flat, return_inverse=True)
-    g = torch.zeros(len(uniq), d, dtype=grad.dtype, device=grad.device).index_add_(0, inv, grad)
-    touched = torch.zeros(len(uniq), dtype=grad.dtype, device=grad.device).index_add_(
-        0, inv, valid.to(grad.dtype)) > 0
-    old = view.index_select(0, uniq)
-    decay = torch.where(touched, wd, 0.0).to(grad.dtype).unsqueeze(1)
-    view.index_copy_(0, uniq, old - lr * (g + decay * old))
+    pos, uniq, inv = touched
+    g = torch.zeros(len(uniq), table.shape[-1], dtype=grad.dtype, device=grad.device
+                    ).index_add_(0, inv, grad.index_select(0, pos))
+    old = table.index_select(0, uniq)
+    table.index_copy_(0, uniq, old - lr * (g + wd * old))
 
 
 def train_clients(backbone: Backbone, global_shared: dict[str, Tensor], state: ClientStore,
@@ -138,6 +162,10 @@ def train_clients(backbone: Backbone, global_shared: dict[str, Tensor], state: C
 
     teacher [G, I]: the groups' preference g_k (None in round 0 / without fusion);
     groups [N]: each client's group id (-1 = none: no distillation for that client).
+
+    Item tables train on the packed rows of the clients' own items only: the shared
+    table's rows start from the global table, the private table's from the store; no
+    client ever holds a copy of a whole table.
     """
     N = len(batch.users)
     dev = state.device
@@ -145,35 +173,41 @@ def train_clients(backbone: Backbone, global_shared: dict[str, Tensor], state: C
     steps_sorted = batch.steps[order]
     ord_t = torch.from_numpy(order)
     slots = state.slots(batch.users)[ord_t].to(dev)          # private-storage rows
-    items = torch.from_numpy(batch.items[order]).to(dev)
+    rows_of = torch.from_numpy(batch.rows[order]).to(dev)
     labels = torch.from_numpy(batch.labels[order]).to(dev)
     valid = torch.from_numpy(batch.valid[order]).to(dev)
     grp = (groups[ord_t] if groups is not None else torch.full((N,), -1, dtype=torch.long)).to(dev)
     teacher = teacher.to(dev) if teacher is not None else None
+    item_of = torch.from_numpy(np.append(batch.items, 0)).to(dev)   # padding row: item 0
+    items_t = torch.from_numpy(batch.items).to(dev)
+    d = backbone.d
+    pad = torch.zeros(1, d, device=dev)
 
-    # every client starts from the global shared parameters
-    shared = {p.name: global_shared[p.name].to(dev).unsqueeze(0).repeat(
-        N, *([1] * global_shared[p.name].dim())) for p in backbone.shared()}
-    # each parameter's storage and the storage row of each (sorted) client
+    # packed tables [K + 1, d] (the last row is padding's); dense params [N, ...]
+    tables, dense_store = {}, {}
+    for p in backbone.params():
+        if p.table:
+            start = (global_shared[p.name].to(dev).index_select(0, items_t) if p.shared else
+                     state.table_rows(p.name, batch.users, batch.counts, batch.items))
+            tables[p.name] = torch.cat([start, pad])
+        elif p.shared:
+            v = global_shared[p.name].to(dev)
+            dense_store[p.name] = v.unsqueeze(0).repeat(N, *([1] * v.dim()))
+        else:
+            dense_store[p.name] = state.private[p.name]
     own = torch.arange(N, device=dev)
-    stores = {p.name: (shared[p.name], own) if p.shared else (state.private[p.name], slots)
-              for p in backbone.params()}
-    tables = {p.name: stores[p.name] for p in backbone.params() if p.table}
-    dense_store = {p.name: stores[p.name] for p in backbone.params() if not p.table}
+    owner = {name: (own if name in global_shared else slots) for name in dense_store}
     ratio = state.ratio[slots].clone()
     sum_base = torch.zeros(N, dtype=torch.float64, device=dev)
     sum_kl = torch.zeros(N, dtype=torch.float64, device=dev)
-    n_items, d = batch.n_items, backbone.d
 
     for step in range(int(steps_sorted[0]) if N else 0):
         n = int(np.searchsorted(-steps_sorted, -step, side="left"))  # clients with steps > step
-        it, y, v = items[:n, step], labels[:n, step], valid[:n, step]
-        flat = {name: (owner[:n].unsqueeze(1) * n_items + it).reshape(-1)
-                for name, (_, owner) in tables.items()}
-        rows = {name: store.view(-1, d).index_select(0, flat[name]).view(n, -1, d).requires_grad_(True)
-                for name, (store, _) in tables.items()}
-        dense = {name: store.index_select(0, owner[:n]).requires_grad_(True)
-                 for name, (store, owner) in dense_store.items()}
+        flat, y, v = rows_of[:n, step].reshape(-1), labels[:n, step], valid[:n, step]
+        rows = {name: t.index_select(0, flat).view(n, -1, d).requires_grad_(True)
+                for name, t in tables.items()}
+        dense = {name: store.index_select(0, owner[name][:n]).requires_grad_(True)
+                 for name, store in dense_store.items()}
         logits = backbone.logits(rows, dense)
         vf = v.float()
         cnt = vf.sum(1).clamp(min=1)
@@ -182,6 +216,7 @@ def train_clients(backbone: Backbone, global_shared: dict[str, Tensor], state: C
         base = bce if reg is None else bce + reg
         loss = base
         if teacher is not None:                 # GFMFR's client half
+            it = item_of.index_select(0, flat).view(n, -1)
             term, kl, ratio[:n] = distill(logits, it, grp[:n], teacher, ratio[:n], vf, base,
                                           s.round, s.total_rounds, s.ema_decay, s.max_ratio)
             loss = base + term
@@ -192,24 +227,35 @@ def train_clients(backbone: Backbone, global_shared: dict[str, Tensor], state: C
         # sample's step does not depend on how much data its client holds: with the mean
         # alone, a client with 25 samples took 10x the step of a full batch's sample, and
         # the distillation term (which keeps logits off saturation) then diverged
-        step = (cnt / s.batch_size).clamp(max=1.0)
-        grads = torch.autograd.grad((loss * step).sum(), leaves)
+        step_scale = (cnt / s.batch_size).clamp(max=1.0)
+        grads = torch.autograd.grad((loss * step_scale).sum(), leaves)
         with torch.no_grad():
-            vflat = v.reshape(-1)
-            for (name, (store, _)), g in zip(tables.items(), grads[:len(rows)]):
-                lr = s.lr_item if name in shared else s.lr_private_item
-                _sgd_rows(store, flat[name], g.reshape(-1, d), vflat, lr, s.weight_decay)
+            touched = _touched(flat, v.reshape(-1)) if tables else None
+            for (name, table), g in zip(tables.items(), grads[:len(rows)]):
+                lr = s.lr_item if name in global_shared else s.lr_private_item
+                _sgd_rows(table, touched, g.reshape(-1, d), lr, s.weight_decay)
             for (name, p), g in zip(dense.items(), grads[len(rows):]):
-                store, owner = dense_store[name]
-                store.index_copy_(0, owner[:n], p.detach() - s.lr * (g + s.weight_decay * p.detach()))
+                dense_store[name].index_copy_(0, owner[name][:n],
+                                              p.detach() - s.lr * (g + s.weight_decay * p.detach()))
 
     state.ratio[slots] = ratio
-    inv = torch.from_numpy(np.argsort(order, kind="stable")).to(dev)
-    steps_t = torch.from_numpy(np.maximum(steps_sorted, 1)).double().to(dev)
     cpu = lambda t: t.to("cpu")        # uploads cross between ranks on the CPU
+    counts_t = torch.from_numpy(batch.counts)
+    out = {}
+    for p in backbone.params():
+        if p.table and p.shared:
+            out[p.name] = Rows(counts_t, torch.from_numpy(batch.items),
+                               cpu(tables[p.name][:-1]), global_shared[p.name].cpu())
+        elif p.table:
+            state.put_rows(p.name, batch.users, batch.counts, batch.items, tables[p.name][:-1])
+    inv = torch.from_numpy(np.argsort(order, kind="stable")).to(dev)
+    for name in global_shared:
+        if name not in out:
+            out[name] = cpu(dense_store[name][inv])
     # a backbone without a shared head also hands over its private head, for grouping
     # and the group teacher only (the worker drops it when GFMFR is off)
-    heads = {k: state.private[k][slots] for k in backbone.group_only}
-    return TrainOutput(shared={k: cpu(v[inv]) for k, v in (shared | heads).items()},
-                       loss=cpu((sum_base / steps_t)[inv].float()),
+    for k in backbone.group_only:
+        out[k] = cpu(state.private[k][slots][inv])
+    steps_t = torch.from_numpy(np.maximum(steps_sorted, 1)).double().to(dev)
+    return TrainOutput(shared=out, loss=cpu((sum_base / steps_t)[inv].float()),
                        kl=cpu((sum_kl / steps_t)[inv].float()), n_samples=batch.n_samples)

@@ -20,6 +20,7 @@ from .messages import (CheckpointReply, CheckpointRequest, EvalReply, EvalReques
                        HelloReply, RestoreReply, RestoreRequest, Shutdown, TrainReply,
                        TrainRequest, fixed_sum)
 from .metrics import evaluate_users
+from .rows import Rows
 from .state import ClientStore, save_atomic
 from .strategy import MaskRequest, make_backbone_from, upload_codec
 from .training import LocalSettings, build_client_batches, train_clients
@@ -103,7 +104,8 @@ class Worker:
             if groups is not None:
                 g = groups[torch.from_numpy(np.searchsorted(req.users, users))]
             outs.append(train_clients(self.backbone, shared, self.state, batch, s, teacher, g))
-        cat = lambda xs: torch.cat(xs) if len(xs) > 1 else xs[0]
+        cat = lambda xs: (Rows.cat(xs) if isinstance(xs[0], Rows) else torch.cat(xs)
+                          ) if len(xs) > 1 else xs[0]
         upload = [p.name for p in self.backbone.shared()]
         if self.cfg.gfmfr.enabled:           # what the server groups by, if not shared
             upload += list(self.backbone.group_only)
@@ -135,6 +137,7 @@ class Worker:
         def score(users: np.ndarray) -> torch.Tensor:
             slots = self.state.slots(users).to(self.device)
             private = {k: v[slots] for k, v in self.state.private.items()}
+            private.update(self.state.dense_tables(slots))    # this batch's only
             with torch.no_grad():
                 return self.backbone.score_all(shared, private)
 

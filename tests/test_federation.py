@@ -102,13 +102,15 @@ def test_server_receives_no_interactions_and_no_private_parameters(tmp_path, mon
     run(tmp_path, "fed.workers=2")
     assert received
     for worker, reply in received:
-        private = [v for v in worker.state.private.values()]
+        private = (list(worker.state.private.values())
+                   + [values for _, values in worker.state.tables.values()])
         if isinstance(reply, TrainReply):
             # shared parameters, and the head the backbone declares for grouping (README)
             declared = set(worker.backbone.group_only)
             assert set(reply.shared) == {p.name for p in worker.backbone.shared()} | declared
             assert declared <= {"w", "b"}                        # never an item table
             for t in (v for k, v in reply.shared.items() if k not in declared):
+                t = getattr(t, "values", t)        # an item table travels as its rows
                 for p in private:
                     assert t.shape[1:] != p.shape[1:] or not torch.equal(t, p[:len(t)])
             # per client only the uploads: no sample count under fed.aggregation=mean, the

@@ -12,7 +12,8 @@ from fedrpc.messages import TrainReply, TrainRequest
 from fedrpc.runtime import run_local
 from fedrpc.state import ServerState
 from fedrpc.strategy import GFMFR
-from fedrpc.strategy.sparse import SparseRows
+from fedrpc.rows import Rows
+from fedrpc.strategy.sparse import DenseRows, SparseRows
 from fedrpc.training import build_client_batches
 from fedrpc.worker import Worker
 
@@ -63,7 +64,7 @@ def training_items(worker, req):
     s = worker.settings(req)
     b = build_client_batches(req.users, worker.split.train_indptr, worker.split.train_items,
                              worker.n_items, s)
-    return {int(u): set(np.unique(b.items[j][b.valid[j]]).tolist())
+    return {int(u): set(np.unique(b.sample_items()[j][b.valid[j]]).tolist())
             for j, u in enumerate(req.users)}
 
 
@@ -71,7 +72,10 @@ def touched_rows(req, reply):
     """The attack: per client, the rows of its uploaded item table that differ from the
     table the server sent it (dense), or the row indices it sent (sparse)."""
     up = reply.shared["Q"]
-    if isinstance(up, SparseRows):
+    if isinstance(up, DenseRows):      # logically the whole table: compare it with the sent one
+        sent = req.shared["Q"].float()
+        up = Rows(up.counts.long(), up.index.long(), up.values.float(), sent).dense()
+    elif isinstance(up, SparseRows):
         ends = np.cumsum(up.counts.numpy())
         return {int(u): set(up.index[e - c:e].tolist())
                 for u, c, e in zip(reply.users, up.counts.numpy(), ends)}
@@ -177,14 +181,16 @@ def test_a_malformed_encoded_upload_is_rejected(tmp_path):
         sent = strategy.sent(state)
         trained = {k: v.unsqueeze(0).repeat(2, *[1] * v.dim()) for k, v in sent.items()}
         trained["Q"][0, 3] += 0.5
-        good = TrainReply(0, np.array([0, 1]), strategy.codec.encode(sent, trained), None)
         wide = TrainReply(0, np.array([2]), {k: v[:1].double() for k, v in trained.items()},
                           None)
+        dense_q = trained["Q"]
+        trained["Q"] = Rows.from_dense(dense_q, sent["Q"])
+        good = TrainReply(0, np.array([0, 1]), strategy.codec.encode(sent, trained), None)
         admitted = strategy.admit(state, [good, wide], 0)
         assert admitted.rejected == {"shape_or_dtype": [2]}
-        assert torch.equal(admitted.up.shared["Q"][1], sent["Q"])
-        assert torch.equal(admitted.up.shared["Q"][0],
-                           strategy.precision.round_trip(trained["Q"][0]))
+        assert torch.equal(admitted.up.shared["Q"].dense()[1], sent["Q"])
+        assert torch.equal(admitted.up.shared["Q"].dense()[0],
+                           strategy.precision.round_trip(dense_q[0]))
         if protocol == "sparse":
             q = good.shared["Q"]
             assert q.counts.tolist() == [1, 0] and q.index.tolist() == [3]
@@ -217,7 +223,7 @@ def _masked(tables: dict[int, torch.Tensor], hosts: list[list[int]], r: int = 7)
     for hosted in hosts:
         c = SecAgg(Precision("fp32"), "Q")
         t = torch.stack([tables[u] for u in hosted])
-        out = c.encode({"Q": t[0]}, {"Q": t})
+        out = c.encode({"Q": t[0]}, {"Q": Rows.from_dense(t, t[0])})
         keys.update({u: k for u, k in zip(hosted, out["Q"].keys)})
         codecs.append(c)
     members = np.array(sorted(keys))
@@ -273,7 +279,7 @@ def test_secagg_the_server_sees_only_set_sums_and_the_attack_learns_nothing(tmp_
         pending = None
         reply = orig_handle(self, msg)
         if isinstance(msg, TrainRequest):
-            pending = self.codec.pending[0].clone()
+            pending = self.codec.pending[0].dense()
         seen.append((self, msg, reply, pending))
         return reply
 

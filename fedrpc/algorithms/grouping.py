@@ -19,6 +19,8 @@ from sklearn.decomposition import PCA
 from sklearn.preprocessing import StandardScaler
 from torch import Tensor
 
+from ..rows import Rows
+
 log = logging.getLogger(__name__)
 
 KMEANS_N_INIT = 10
@@ -140,57 +142,52 @@ def align_groups(prev_users: Optional[np.ndarray], prev_labels: Optional[np.ndar
 
 
 # ------------------------------------------------------------------------- targets
-def _upload_filter(flat: Tensor, outlier_factor: float) -> tuple[Tensor, Tensor]:
-    """Masks of uploads that are non-finite, and of finite ones with ||x||_F > f * median."""
-    nonfinite = ~torch.isfinite(flat).all(dim=1)
-    outlier = torch.zeros_like(nonfinite)
-    if (~nonfinite).any():
-        norms = torch.linalg.vector_norm(flat[~nonfinite].double(), dim=1)
-        med = norms.median()  # lower median for an even count
-        if med > 0:
-            outlier[~nonfinite] = norms > outlier_factor * med
-    return nonfinite, outlier
-
-
-def group_targets(tables: Tensor, labels: Union[np.ndarray, Tensor], n_groups: int,
-                  min_group_size: int = 2, outlier_factor: float = 5.0
+def group_targets(tables: Union[Tensor, Rows], labels: Union[np.ndarray, Tensor],
+                  n_groups: int, min_group_size: int = 2, outlier_factor: float = 5.0
                   ) -> tuple[Tensor, dict]:
     """Per-group fusion targets: C_bar_k = mean of the uploaded tables of group k.
 
-    `tables` [N, I, d] (clients in the caller's fixed order), `labels` [N].
+    `tables`: the N uploaded item tables as `Rows` (rows over the table sent) or a
+    dense [N, I, d] tensor (clients in the caller's fixed order); `labels` [N].
     Guards: an upload with any non-finite value is excluded; a finite upload with
-    ||C_n||_F > outlier_factor * median_n ||C_n||_F is excluded. A group with fewer
-    than `min_group_size` kept members (including an empty group) gets the mean over
-    all kept uploads instead. If nothing is kept, targets are zeros.
+    ||C_n||_F > outlier_factor * median_n ||C_n||_F (lower median) is excluded. A group
+    with fewer than `min_group_size` kept members (including an empty group) gets the
+    mean over all kept uploads instead. If nothing is kept, targets are zeros.
 
     Returns (targets [G, I, d], info) with info keys: n_excluded_nonfinite,
     n_excluded_outlier, kept_per_group (list), fallback (group ids using the global
     mean), group_ok (BoolTensor [G]: group has >= 1 member this round and a target
-    exists, i.e. it is worth training on). Never contains NaN.
+    exists, i.e. it is worth training on). Never contains NaN. Works on the stored rows
+    only: no [N, I, d] tensor is built.
     """
-    if tables.dim() != 3:
-        raise ValueError(f"group_targets: tables must be [N, I, d], got {tuple(tables.shape)}")
-    n = tables.shape[0]
+    if isinstance(tables, Tensor):
+        if tables.dim() != 3:
+            raise ValueError(f"group_targets: tables must be [N, I, d], got {tuple(tables.shape)}")
+        tables = Rows.from_dense(tables)
+    n = tables.n
     lab = labels if isinstance(labels, Tensor) else torch.from_numpy(np.asarray(labels))
-    lab = lab.to(device=tables.device, dtype=torch.long).reshape(-1)
+    lab = lab.to(dtype=torch.long).reshape(-1).cpu()
     if lab.numel() != n:
         raise ValueError(f"group_targets: {lab.numel()} labels for {n} tables")
     if n and (lab.min() < 0 or lab.max() >= n_groups):
         raise ValueError(f"group_targets: labels must lie in [0, {n_groups})")
-    nonfinite, outlier = _upload_filter(tables.reshape(n, -1), outlier_factor)
+    nonfinite = ~tables.finite()
+    outlier = torch.zeros_like(nonfinite)
+    if (~nonfinite).any():
+        norms = tables[~nonfinite].sq_dist(torch.zeros_like(tables.base)).sqrt()
+        med = norms.median()  # lower median for an even count
+        if med > 0:
+            outlier[~nonfinite] = norms > outlier_factor * med
     keep = ~(nonfinite | outlier)
-    targets = tables.new_zeros((n_groups,) + tuple(tables.shape[1:]))
-    global_mean = tables[keep].mean(dim=0) if keep.any() else None
-    kept, fallback = [], []
-    for k in range(n_groups):
-        members = keep & (lab == k)
-        kept.append(int(members.sum()))
-        if kept[-1] >= min_group_size:
-            targets[k] = tables[members].mean(dim=0)
-        else:
-            fallback.append(k)
-            if global_mean is not None:
-                targets[k] = global_mean
+    i, d = tables.base.shape
+    targets = torch.zeros((n_groups, i, d), dtype=tables.base.dtype)
+    kept = torch.bincount(lab[keep], minlength=n_groups).tolist()
+    fallback = [k for k in range(n_groups) if kept[k] < min_group_size]
+    if keep.any():
+        sums, counts = tables[keep].weighted_sums(lab[keep], n_groups)
+        global_mean = sums.sum(0) / counts.sum()
+        for k in range(n_groups):
+            targets[k] = (global_mean if k in fallback else sums[k] / counts[k]).to(targets.dtype)
     present = torch.bincount(lab, minlength=n_groups) > 0
     info = dict(n_excluded_nonfinite=int(nonfinite.sum()), n_excluded_outlier=int(outlier.sum()),
                 kept_per_group=kept, fallback=fallback,

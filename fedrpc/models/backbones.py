@@ -118,11 +118,21 @@ class Backbone:
         gen = torch.Generator().manual_seed(seed)
         return {p.name: _init(p, 1, n_items, gen)[0] for p in self.shared()}
 
-    def init_private(self, n_items: int, seed: int, user: int) -> dict[str, Tensor]:
-        """A client's private parameters, drawn from its own (seed, user) stream."""
+    def init_private(self, n_items: int, seed: int, user: int,
+                     tables: bool = True) -> dict[str, Tensor]:
+        """A client's private parameters, drawn from its own (seed, user) stream.
+        `tables=False` leaves out the item tables (drawn only where a later parameter's
+        draws follow theirs in the stream), so the rest costs nothing per item."""
         state = np.random.SeedSequence([seed, user, 0xC11E]).generate_state(1)[0]
         gen = torch.Generator().manual_seed(int(state))
-        return {p.name: _init(p, 1, n_items, gen)[0] for p in self.private()}
+        params, out = self.private(), {}
+        for j, p in enumerate(params):
+            if p.table and not tables:
+                if p.init != "zeros" and any(not q.table for q in params[j + 1:]):
+                    _init(p, 1, n_items, gen)            # keep the stream's position
+                continue
+            out[p.name] = _init(p, 1, n_items, gen)[0]
+        return out
 
 
 def _mlp_logits(e: Tensor, item_vec: Tensor, dense: dict[str, Tensor]) -> Tensor:

@@ -25,6 +25,7 @@ from .. import algorithms as alg
 from ..config import Config
 from ..messages import TrainReply, TrainRequest, stack_sorted
 from ..models import BACKBONES, Backbone, make_backbone
+from ..rows import Rows
 from .codec import UploadCodec, make_codec
 from .secagg import PUBKEY, MaskedSums, MaskRequest, from_ring, secure_sets
 
@@ -160,6 +161,10 @@ class GFMFR:
         delta = torch.zeros(n, dtype=torch.float64)
         finite = torch.ones(n, dtype=torch.bool)
         for k, v in up.shared.items():
+            if isinstance(v, Rows):           # the item table: rows over the table sent
+                finite &= v.finite()
+                delta += v.sq_dist(state.shared[k]).nan_to_num(posinf=0.0)
+                continue
             flat = v.reshape(n, -1)
             finite &= torch.isfinite(flat).all(1)
             if k in state.shared:             # a group-only head has no global value
@@ -214,8 +219,12 @@ class GFMFR:
                    if self.cfg.fed.aggregation == "samples" else None)
         # under secagg the item table is not among them: it comes as per-set sums
         present = {p.name: up.shared[p.name] for p in self.backbone.shared()
-                   if p.name in up.shared}
+                   if p.name in up.shared and not isinstance(up.shared[p.name], Rows)}
         mean = alg.mean_aggregate(present, weights) if present else {}
+        for k, v in up.shared.items():      # item tables: base + mean of the row changes
+            if isinstance(v, Rows):
+                total, wsum = v.weighted_sums(weights=weights)
+                mean[k] = (total[0] / wsum[0]).to(v.base.dtype)
         state.shared = {k: mean.get(k, v) for k, v in state.shared.items()}
 
     @property

@@ -24,15 +24,25 @@ class UploadCodec:
     def __init__(self, precision: Precision, item_table: str):
         self.precision, self.item_table = precision, item_table
 
-    def encode(self, sent: dict[str, Tensor], trained: dict[str, Tensor]) -> dict:
+    def encode(self, sent: dict[str, Tensor], trained: dict) -> dict:
         """`sent`: the fp32 parameters the clients started from (as received);
-        `trained`: [N, ...] per client. Returns what goes into the TrainReply."""
+        `trained`: [N, ...] per client, the item table as `Rows` over the table sent.
+        Returns what goes into the TrainReply."""
         raise NotImplementedError
 
-    def decode(self, sent: dict[str, Tensor], upload: dict, n: int) -> dict[str, Tensor]:
-        """The [n, ...] fp32 tensors the upload stands for. `sent`: the fp32 parameters
-        the server sent (as the clients received them). A malformed upload: ValueError."""
+    def decode(self, sent: dict[str, Tensor], upload: dict, n: int) -> dict:
+        """What the upload stands for: [n, ...] fp32 tensors, the item table as fp32
+        `Rows` over the table sent. `sent`: the fp32 parameters the server sent (as the
+        clients received them). A malformed upload: ValueError."""
         raise NotImplementedError
+
+    def decode_dense(self, upload: dict) -> dict[str, Tensor]:
+        """Uploads sent as plain tensors at the transfer precision, decoded to fp32."""
+        for k, v in upload.items():
+            if not isinstance(v, Tensor):
+                raise ValueError(f"{k}: {type(v).__name__} sent, expected a tensor")
+            self.precision.check(v, k)
+        return self.precision.decode_all(upload)
 
 
 def make_codec(protocol: str, precision: str, item_table: str) -> UploadCodec:

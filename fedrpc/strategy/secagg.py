@@ -134,11 +134,11 @@ class SecAgg(UploadCodec):
         from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
         out = self.precision.encode_all({k: v for k, v in trained.items()
                                          if k != self.item_table})
-        table = trained[self.item_table]
-        private = [X25519PrivateKey.generate() for _ in range(len(table))]
+        table = trained[self.item_table]                  # Rows over the table sent
+        private = [X25519PrivateKey.generate() for _ in range(table.n)]
         keys = torch.tensor(np.frombuffer(b"".join(
             k.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw) for k in private),
-            dtype=np.uint8).reshape(len(table), KEY_BYTES).copy())
+            dtype=np.uint8).reshape(table.n, KEY_BYTES).copy())
         self.pending = (table, private)
         out[self.item_table] = PublicKeys(keys)
         return out
@@ -154,7 +154,7 @@ class SecAgg(UploadCodec):
             members, keys = req.members[s], req.keys[s]
             total = torch.zeros(table.shape[1:], dtype=torch.int64)
             for u in (int(x) for x in req.users[req.set_of_user == s]):
-                total += to_ring(table[row[u]])
+                total += to_ring(table.table(row[u]))
                 for v, pk in zip(members.tolist(), keys):
                     if v == u or v in here:          # pairs inside this worker cancel
                         continue
@@ -174,12 +174,8 @@ class SecAgg(UploadCodec):
         keys = upload.get(self.item_table)
         if not isinstance(keys, PublicKeys) or tuple(keys.keys.shape) != (n, KEY_BYTES):
             raise ValueError(f"{self.item_table}: secagg's first phase sends public keys")
-        rest = {k: v for k, v in upload.items() if k != self.item_table}
-        for k, v in rest.items():
-            if not isinstance(v, Tensor):
-                raise ValueError(f"{k}: {type(v).__name__} sent, expected a tensor")
-            self.precision.check(v, k)
-        return {**self.precision.decode_all(rest), PUBKEY: keys.keys}
+        rest = self.decode_dense({k: v for k, v in upload.items() if k != self.item_table})
+        return {**rest, PUBKEY: keys.keys}
 
 
 def secure_sets(labels: np.ndarray, n_groups: int, min_size: int

@@ -1,5 +1,7 @@
 """The sparse protocol: of the item table, a client uploads only the rows it changed,
-with their indices; every other uploaded parameter goes whole (as in dense.py).
+with their indices; every other uploaded parameter goes whole (as in dense.py). The
+dense protocol's item table travels between ranks in the same form (`DenseRows`), with
+its own formula for the logical bytes.
 
 Rows a client did not change are bit-identical to what the server sent, so the server
 rebuilds the client's full table exactly: at fp32 a sparse run gives the same numbers
@@ -20,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..rows import Rows
 from .codec import UploadCodec
 
 INDEX_BYTES = 4          # int32 row indices and row counts
@@ -41,39 +44,56 @@ class SparseRows:
         return INDEX_BYTES + self.counts.numpy().astype(np.int64) * (INDEX_BYTES + d * b)
 
 
+@dataclass(frozen=True)
+class DenseRows(SparseRows):
+    """The dense protocol's upload of the item table: logically each client's whole
+    [I, d] table (the formula: I * d * b bytes per client). Between ranks only the rows a
+    client trained travel; the server rebuilds every other row exactly, since it is
+    what it sent."""
+    n_items: int = 0
+
+    def client_bytes(self) -> np.ndarray:
+        d, b = self.values.shape[1], self.values.element_size()
+        return np.full(len(self.counts), self.n_items * d * b, dtype=np.int64)
+
+
+def encode_rows(rows: Rows, precision, changed_only: bool, cls=SparseRows, **extra) -> SparseRows:
+    """The wire form of `rows` at the transfer precision (only the rows whose value
+    differs from the base's, with `changed_only`)."""
+    index, values, counts = rows.index, rows.values, rows.counts
+    if changed_only:
+        keep = (values != rows.base.index_select(0, index)).any(-1)
+        index, values = index[keep], values[keep]
+        counts = torch.zeros(rows.n, dtype=torch.int64).index_add_(0, rows.owners(), keep.long())
+    return cls(counts.to(torch.int32), index.to(torch.int32), precision.encode(values), **extra)
+
+
+def decode_rows(sp, precision, base: Tensor, n: int, name: str, cls=SparseRows) -> Rows:
+    """`Rows` over `base` from a wire form; ValueError when malformed."""
+    if not isinstance(sp, cls):
+        raise ValueError(f"{name}: {type(sp).__name__} sent, expected {cls.__name__}")
+    precision.check(sp.values, name)
+    if sp.counts.dtype != torch.int32 or sp.index.dtype != torch.int32:
+        raise ValueError(f"{name}: row counts and indices must be int32")
+    rows = Rows(sp.counts.long(), sp.index.long(), precision.decode(sp.values), base)
+    try:
+        rows.check(n)
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
+    return rows
+
+
 class Sparse(UploadCodec):
     name = "sparse"
 
-    def encode(self, sent: dict[str, Tensor], trained: dict[str, Tensor]) -> dict:
-        out = self.precision.encode_all(trained)
-        table = trained[self.item_table]                       # [N, I, d]
-        changed = (table != sent[self.item_table].unsqueeze(0)).any(-1)
-        who, rows = changed.nonzero(as_tuple=True)             # client-major, rows ascending
-        out[self.item_table] = SparseRows(changed.sum(1).to(torch.int32),
-                                          rows.to(torch.int32),
-                                          self.precision.encode(table[who, rows]))
+    def encode(self, sent: dict[str, Tensor], trained: dict) -> dict:
+        out = self.precision.encode_all({k: v for k, v in trained.items()
+                                         if k != self.item_table})
+        out[self.item_table] = encode_rows(trained[self.item_table], self.precision, True)
         return out
 
-    def decode(self, sent: dict[str, Tensor], upload: dict, n: int) -> dict[str, Tensor]:
-        dense = {k: v for k, v in upload.items() if k != self.item_table}
-        for k, v in dense.items():
-            if not isinstance(v, Tensor):
-                raise ValueError(f"{k}: {type(v).__name__} sent, expected a tensor")
-            self.precision.check(v, k)
-        out = self.precision.decode_all(dense)
-        sp, base = upload.get(self.item_table), sent[self.item_table]
-        if not isinstance(sp, SparseRows):
-            raise ValueError(f"{self.item_table}: {type(sp).__name__} sent, the sparse "
-                             f"protocol sends its changed rows")
-        self.precision.check(sp.values, self.item_table)
-        counts = sp.counts.long()
-        if (tuple(counts.shape) != (n,) or int(counts.sum()) != len(sp.index)
-                or tuple(sp.values.shape) != (len(sp.index), base.shape[1])
-                or (len(sp.index) and not (0 <= int(sp.index.min()) and
-                                           int(sp.index.max()) < base.shape[0]))):
-            raise ValueError(f"{self.item_table}: inconsistent sparse rows")
-        table = base.unsqueeze(0).repeat(n, 1, 1)
-        who = torch.repeat_interleave(torch.arange(n), counts)
-        table[who, sp.index.long()] = self.precision.decode(sp.values)
-        out[self.item_table] = table
+    def decode(self, sent: dict[str, Tensor], upload: dict, n: int) -> dict:
+        out = self.decode_dense({k: v for k, v in upload.items() if k != self.item_table})
+        out[self.item_table] = decode_rows(upload.get(self.item_table), self.precision,
+                                           sent[self.item_table], n, self.item_table)
         return out

@@ -1,0 +1,155 @@
+"""Many clients' item tables, stored as the rows where each may differ from one base.
+
+A client trains only the rows of its minibatches: every other row of its copy of the
+shared item table stays what the server sent. `Rows` holds N clients' [I, d] tables that
+way: client n's rows are the items `index[offsets[n]:offsets[n + 1]]` (strictly
+ascending) with their `values`; every other row of its table is `base`'s. Memory and
+arithmetic are proportional to the rows the clients touched, never to clients x items:
+no [N, I, d] tensor is built by training, uploads, aggregation or group targets.
+
+A `Rows` is indexed like a stacked [N, I, d] tensor over clients (`rows[idx]` keeps the
+clients `idx`, a LongTensor or BoolTensor) and has `shape` (N, I, d) and `dtype`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Rows:
+    counts: Tensor            # [N] int64: rows stored per client
+    index: Tensor             # [K] int64 item ids, strictly ascending within a client
+    values: Tensor            # [K, d]
+    base: Tensor              # [I, d]: every row not stored
+
+    # -- layout -------------------------------------------------------------------
+    @property
+    def n(self) -> int:
+        return len(self.counts)
+
+    @property
+    def shape(self) -> tuple:
+        return (self.n, *self.base.shape)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    def offsets(self) -> Tensor:
+        return torch.cat([self.counts.new_zeros(1), torch.cumsum(self.counts, 0)])
+
+    def owners(self) -> Tensor:
+        """[K] the client of each stored row."""
+        return torch.repeat_interleave(torch.arange(self.n), self.counts)
+
+    def __getitem__(self, idx) -> "Rows":
+        """The clients `idx` (LongTensor of positions or BoolTensor [N]), in that order."""
+        idx = torch.as_tensor(idx)
+        if idx.dtype == torch.bool:
+            idx = idx.nonzero().reshape(-1)
+        off = self.offsets()
+        counts = self.counts[idx]
+        starts = off[idx]
+        # positions of the kept clients' rows: start of each client + 0..count-1
+        within = torch.arange(int(counts.sum())) - torch.repeat_interleave(
+            torch.cumsum(counts, 0) - counts, counts)
+        pos = torch.repeat_interleave(starts, counts) + within
+        return Rows(counts.clone(), self.index[pos], self.values[pos], self.base)
+
+    @staticmethod
+    def cat(parts: list["Rows"]) -> "Rows":
+        """Clients of several `Rows` over the same base, one after the other."""
+        if len(parts) == 1:
+            return parts[0]
+        return Rows(torch.cat([p.counts for p in parts]), torch.cat([p.index for p in parts]),
+                    torch.cat([p.values for p in parts]), parts[0].base)
+
+    def check(self, n: int) -> None:
+        """ValueError unless this holds n clients' rows consistently (right sizes, item ids
+        in range and strictly ascending within each client)."""
+        i, d = self.base.shape
+        k = len(self.index)
+        if (self.counts.dtype != torch.int64 or self.index.dtype != torch.int64
+                or tuple(self.counts.shape) != (n,) or bool((self.counts < 0).any())
+                or int(self.counts.sum()) != k or tuple(self.values.shape) != (k, d)):
+            raise ValueError("inconsistent rows: counts, index and values disagree")
+        if k and (int(self.index.min()) < 0 or int(self.index.max()) >= i):
+            raise ValueError(f"a row index outside [0, {i})")
+        if k > 1:
+            same = self.owners()[1:] == self.owners()[:-1]
+            if bool((same & (self.index[1:] <= self.index[:-1])).any()):
+                raise ValueError("row indices not strictly ascending within a client")
+
+    # -- values -----------------------------------------------------------------------
+    def deltas(self) -> Tensor:
+        """[K, d] float64: each stored row minus the base's row."""
+        return self.values.double() - self.base.index_select(0, self.index).double()
+
+    def finite(self) -> Tensor:
+        """[N] bool: client n's table has only finite values (the base is finite)."""
+        bad = ~torch.isfinite(self.values).all(1)
+        return torch.zeros(self.n, dtype=torch.int64).index_add_(
+            0, self.owners(), bad.long()) == 0
+
+    def sq_dist(self, ref: Tensor) -> Tensor:
+        """[N] float64: ||table_n - ref||^2 (Frobenius), `ref` [I, d]."""
+        base_row = (self.base.double() - ref.double()).pow(2).sum(1)          # [I]
+        stored = (self.values.double() - ref.index_select(0, self.index).double()).pow(2).sum(1)
+        per = torch.zeros(self.n, dtype=torch.float64).index_add_(
+            0, self.owners(), stored - base_row.index_select(0, self.index))
+        return per + base_row.sum()
+
+    def weighted_sums(self, groups: Optional[Tensor] = None, n_groups: int = 1,
+                      weights: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        """Per group g: (sum over its clients of w_n * table_n [G, I, d] float64, sum of
+        w_n [G] float64). `groups` [N] in [0, n_groups) (None: one group); `weights`
+        [N] (None: 1). Summed in the clients' order."""
+        g = groups if groups is not None else torch.zeros(self.n, dtype=torch.long)
+        w = (weights.double() if weights is not None
+             else torch.ones(self.n, dtype=torch.float64))
+        wsum = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, g, w)
+        i, d = self.base.shape
+        out = wsum.view(-1, 1, 1) * self.base.double().unsqueeze(0)
+        owner = self.owners()
+        key = g.index_select(0, owner) * i + self.index
+        contrib = self.deltas() * w.index_select(0, owner).unsqueeze(1)
+        out.view(-1, d).index_add_(0, key, contrib)
+        return out, wsum
+
+    def dense(self) -> Tensor:
+        """[N, I, d]: the full tables (for small N only: tests, secure masking)."""
+        out = self.base.unsqueeze(0).repeat(self.n, 1, 1)
+        out[self.owners(), self.index] = self.values.to(out.dtype)
+        return out
+
+    def table(self, j: int) -> Tensor:
+        """Client j's full [I, d] table."""
+        off = self.offsets()
+        a, b = int(off[j]), int(off[j + 1])
+        out = self.base.clone()
+        out[self.index[a:b]] = self.values[a:b].to(out.dtype)
+        return out
+
+    @staticmethod
+    def from_dense(tables: Tensor, base: Optional[Tensor] = None) -> "Rows":
+        """Rows of [N, I, d] `tables` that differ from `base` (default: zeros; a
+        non-finite row always counts as differing)."""
+        n, i, d = tables.shape
+        base = torch.zeros(i, d, dtype=tables.dtype) if base is None else base
+        changed = ~(tables == base.unsqueeze(0)).all(-1)
+        who, items = changed.nonzero(as_tuple=True)
+        return Rows(changed.sum(1).to(torch.int64), items, tables[who, items], base)
+
+
+def membership(sorted_keys: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each of `keys`: whether it is in `sorted_keys` (ascending, unique) and where."""
+    pos = np.searchsorted(sorted_keys, keys)
+    inside = pos < len(sorted_keys)
+    hit = np.zeros(len(keys), dtype=bool)
+    hit[inside] = sorted_keys[pos[inside]] == keys[inside]
+    return hit, pos
