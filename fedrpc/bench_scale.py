@@ -11,6 +11,7 @@ process group) when it outlives it or when the run fails.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -104,27 +106,46 @@ def run_federation(config: Optional[str], overrides: Sequence[str], out: Path, w
                    transport: str = "rpc", timeout_s: float = DEFAULT_TIMEOUT_S) -> dict:
     """One federation as processes of `fedrpc run`; its round record (raises RuntimeError
     naming the rank and its log's tail when a process fails or the timeout passes)."""
+    if not config:
+        raise ValueError("bench scale needs a config file (e.g. configs/scale.yaml)")
     out.mkdir(parents=True, exist_ok=True)
     args = [*overrides, f"run.out_dir={out}", f"fed.transport={transport}",
             f"fed.workers={workers if transport == 'local' else 1}"]
-    argv = [sys.executable, "-m", "fedrpc", "run", *([config] if config else []), *args]
-    if not config:
-        raise ValueError("bench scale needs a config file (e.g. configs/scale.yaml)")
+    argv = [sys.executable, "-m", "fedrpc", "run", config, *args]
     procs: list[subprocess.Popen] = []
     logs = []
     t0 = time.monotonic()
-    try:
-        for r, env in enumerate(_rank_envs(workers, transport)):
-            logs.append(out / f"rank{r}.log")
-            with open(logs[-1], "wb") as f:
-                procs.append(subprocess.Popen(argv, env=env, stdout=f, stderr=subprocess.STDOUT,
-                                              start_new_session=True))
-        _wait(procs, logs, t0 + timeout_s)
-    finally:
-        _kill(procs)
+    with _terminate_as_exit():
+        try:
+            for r, env in enumerate(_rank_envs(workers, transport)):
+                logs.append(out / f"rank{r}.log")
+                with open(logs[-1], "wb") as f:
+                    procs.append(subprocess.Popen(argv, env=env, stdout=f,
+                                                  stderr=subprocess.STDOUT,
+                                                  start_new_session=True))
+            _wait(procs, logs, t0 + timeout_s)
+        finally:
+            _kill(procs)
     rec = [json.loads(line) for line in open(out / "rounds.jsonl")][-1]
     rec["wall_s"] = round(time.monotonic() - t0, 2)
     return rec
+
+
+@contextlib.contextmanager
+def _terminate_as_exit():
+    """While inside, SIGTERM ends this process through its `finally` blocks, which kill
+    the ranks it started (by default it would end at once and leave them to their
+    launcher watch)."""
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def _wait(procs: list, logs: list, deadline: float) -> None:

@@ -1,6 +1,5 @@
 """Command line: `fedrpc run | encode | data stats | baseline | bench train | bench scale |
-diagnose teacher |
-config reference | report`
+diagnose teacher | config reference | report`
 (also `python -m fedrpc`)."""
 from __future__ import annotations
 

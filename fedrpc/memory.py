@@ -23,5 +23,8 @@ def peak_rss_mb() -> float:
 def with_peak_rss(reply):
     """`reply` with its `peak_rss_mb` field set to this process's peak (replies without
     that field pass unchanged)."""
-    fields = {f.name for f in dataclasses.fields(reply)} if dataclasses.is_dataclass(reply) else ()
-    return dataclasses.replace(reply, peak_rss_mb=peak_rss_mb()) if "peak_rss_mb" in fields else reply
+    if not dataclasses.is_dataclass(reply):
+        return reply
+    if "peak_rss_mb" not in {f.name for f in dataclasses.fields(reply)}:
+        return reply
+    return dataclasses.replace(reply, peak_rss_mb=peak_rss_mb())

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 
 import numpy as np
@@ -175,3 +176,28 @@ def test_a_failing_or_late_run_is_named_and_its_processes_killed(tmp_path, monke
 def test_bench_scale_rejects_an_unknown_transport():
     with pytest.raises(ValueError, match="transport"):
         bench_scale("configs/scale.yaml", [], 50, 60, 10, transport="mpi")
+
+
+@pytest.mark.timeout(200)
+def test_sigterm_to_bench_scale_kills_the_ranks_it_started(tmp_path):
+    tag = uuid.uuid4().hex
+    cmd = [sys.executable, "-m", "fedrpc", "bench", "scale", "configs/scale.yaml",
+           "--users", "200", "--items", "300", "--workers", "2", "--out", str(tmp_path),
+           *SMALL]
+    bench = subprocess.Popen(cmd, cwd=REPO, env=_bench_env(tag), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while len(tagged_pids(tag)) < 4 and time.monotonic() < deadline:   # bench + 3 ranks
+            time.sleep(0.1)
+        assert bench.poll() is None and len(tagged_pids(tag)) >= 4
+        bench.send_signal(15)
+        assert bench.wait(60) == 128 + 15
+        deadline = time.monotonic() + 20
+        while tagged_pids(tag) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+        left = _reap(tag)
+    assert left == [], f"processes left running: {left}"
