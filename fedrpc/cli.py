@@ -1,5 +1,5 @@
-"""Command line: `fedrpc run | encode | data stats | baseline | bench train | diagnose teacher |
-config reference | report`
+"""Command line: `fedrpc run | encode | data stats | baseline | bench train | bench scale |
+diagnose teacher | config reference | report`
 (also `python -m fedrpc`)."""
 from __future__ import annotations
 
@@ -119,6 +119,31 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _cmd_bench_scale(args) -> int:
+    from .bench_scale import bench_scale, format_report
+    from .reporting import write_json
+    overrides = list(args.overrides) + ([f"fed.backbone={args.backbone}"] if args.backbone else [])
+    try:
+        workers = [int(w) for w in args.workers.split(",") if w.strip()]
+    except ValueError:
+        workers = []
+    if not workers or min(workers) < 1:
+        print(f"fedrpc: error: --workers: a comma-separated list of positive counts, got "
+              f"{args.workers!r}", file=sys.stderr)
+        return 2
+    try:
+        r = bench_scale(args.config, overrides, args.users, args.items,
+                        args.mean_interactions, workers, args.transport,
+                        Path(args.out) if args.out else None, args.timeout)
+    except RuntimeError as e:
+        print(f"fedrpc: error: {e}", file=sys.stderr)
+        return 1
+    print(format_report(r))
+    write_json(Path(r["out"]) / "scale.json", r)
+    print(f"written: {Path(r['out']) / 'scale.json'}")
+    return 0
+
+
 def _cmd_diagnose_teacher(args) -> int:
     from .diagnostics import diagnose_teacher
     from .reporting import write_json
@@ -197,6 +222,26 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--clients", type=int, default=0, help="first N clients (0 = all)")
     bt.add_argument("--repeats", type=int, default=1, help="best of this many runs")
     bt.set_defaults(func=_cmd_bench)
+    bs = bn.add_parser("scale", help="one round with every client on generated data of a "
+                                     "given size, per worker count: seconds per phase, "
+                                     "sample-steps/s, peak RSS per rank, bytes")
+    bs.add_argument("config", nargs="?", default="configs/scale.yaml",
+                    help="YAML config (default: configs/scale.yaml)")
+    bs.add_argument("overrides", nargs="*", metavar="section.key=value",
+                    help="dotted overrides, applied after the sizes")
+    bs.add_argument("--users", type=int, default=2000, help="synthetic users (clients)")
+    bs.add_argument("--items", type=int, default=2000, help="synthetic items")
+    bs.add_argument("--mean-interactions", type=int, default=50,
+                    help="mean interactions per user")
+    bs.add_argument("--workers", default="1", help="worker counts, e.g. 1,2,4")
+    bs.add_argument("--backbone", default="", help="fed.backbone (default: the config's)")
+    bs.add_argument("--transport", choices=["rpc", "local"], default="rpc",
+                    help="rpc: a process per rank on 127.0.0.1, RSS per rank (default); "
+                         "local: one process, server and workers together")
+    bs.add_argument("--out", default="", help="folder for the runs (default: a temp folder)")
+    bs.add_argument("--timeout", type=float, default=1800.0,
+                    help="hard limit in seconds per worker count; its processes are killed")
+    bs.set_defaults(func=_cmd_bench_scale)
     return ap
 
 

@@ -106,6 +106,7 @@ class TrainReply:
     loss_sum: int = 0                    # sum of the clients' mean base loss (LOSS_UNIT)
     kl_sum: int = 0                      # sum of their mean distillation KL (LOSS_UNIT)
     seconds: float = 0.0
+    peak_rss_mb: float = 0.0             # the worker process's peak resident memory
 
     def payload_bytes(self) -> int:
         return nbytes(self.users) + nbytes(self.shared) + nbytes(self.n_samples) + 16 + 16
@@ -144,6 +145,7 @@ class EvalReply:
     sums: dict = field(default_factory=dict)   # split -> metric sums (incl. "users")
     n_clients: int = 0
     seconds: float = 0.0
+    peak_rss_mb: float = 0.0                   # the worker process's peak resident memory
 
     def payload_bytes(self) -> int:
         return sum(8 * len(v) for v in self.sums.values()) + 16

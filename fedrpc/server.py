@@ -30,6 +30,7 @@ from .config import Config, to_dict
 from .data import Catalogue
 from .messages import (LOSS_UNIT, CheckpointRequest, EvalRequest, Hello, HelloReply,
                        RestoreRequest)
+from .memory import peak_rss_mb
 from .metrics import add_sums, finalize
 from .reporting import RunDir
 from .state import (SERVER_FILE, ServerState, check_compatible, checkpoint_dir, manifest_of,
@@ -82,6 +83,7 @@ class Server:
         shared = self.strategy.backbone.init_shared(self.catalogue.n_items, cfg.run.seed)
         self.state = ServerState(shared, np.full(int(self.users.max()) + 1, -1, dtype=np.int64))
         self.checkpoint_folder: Optional[Path] = None   # the newest written or resumed
+        self.peak_rss: dict[int, float] = {}   # rank -> its latest reported peak RSS (MiB)
 
     @property
     def features(self) -> Optional[ContentFeatures]:
@@ -146,7 +148,16 @@ class Server:
         t["total"] = sum(t.values())
         rec["seconds"] = {k: round(v, 4) for k, v in t.items()}
         rec["bytes"] = self.transport.ledger.round_summary(r)
+        rec["peak_rss_mb"] = self._peak_rss(replies)
         return rec
+
+    def _peak_rss(self, replies: dict) -> dict[str, float]:
+        """Peak resident memory per rank (MiB): this process's, and each worker's latest
+        report (train and eval replies carry it; in-process workers report this process)."""
+        for rank, reply in replies.items():
+            self.peak_rss[rank] = max(self.peak_rss.get(rank, 0.0),
+                                      getattr(reply, "peak_rss_mb", 0.0))
+        return {str(k): v for k, v in sorted({0: peak_rss_mb(), **self.peak_rss}.items())}
 
     def _secure_upload(self, r: int, up, labels,
                        failures: Optional[dict]) -> tuple[dict, dict]:
@@ -187,6 +198,7 @@ class Server:
                 for rank, users in self._live_hosts().items() if rank not in (failures or {})}
         replies = self.transport.exchange(r, "eval", reqs, self.cfg.runtime.round_timeout_s,
                                           failures)
+        self._peak_rss(replies)
         out = {}
         for which in ("valid", "test"):
             total: dict = {}

@@ -19,6 +19,7 @@ from .data import Interactions, catalogue_of, load_interactions, split_of
 from .messages import (CheckpointReply, CheckpointRequest, EvalReply, EvalRequest, Hello,
                        HelloReply, RestoreReply, RestoreRequest, Shutdown, TrainReply,
                        TrainRequest, fixed_sum)
+from .memory import with_peak_rss
 from .metrics import evaluate_users
 from .rows import Rows
 from .state import ClientStore, save_atomic
@@ -50,9 +51,9 @@ class Worker:
     # ------------------------------------------------------------------ dispatch
     def handle(self, msg):
         if isinstance(msg, TrainRequest):
-            return self.train(msg)
+            return with_peak_rss(self.train(msg))
         if isinstance(msg, EvalRequest):
-            return self.evaluate(msg)
+            return with_peak_rss(self.evaluate(msg))
         if isinstance(msg, MaskRequest):          # secagg's second upload phase
             return self.codec.masked_sums(msg, self._participants)
         if isinstance(msg, Hello):

@@ -115,9 +115,10 @@ def test_server_receives_no_interactions_and_no_private_parameters(tmp_path, mon
                     assert t.shape[1:] != p.shape[1:] or not torch.equal(t, p[:len(t)])
             # per client only the uploads: no sample count under fed.aggregation=mean, the
             # losses as the worker's sums. Which items a client trained on IS readable
-            # from a dense or sparse item table: tests/test_protocols.py runs that attack
+            # from a dense or sparse item table: tests/test_protocols.py runs that attack.
+            # seconds and peak_rss_mb are the worker process's, not a client's
             assert set(vars(reply)) == {"round", "users", "shared", "n_samples", "loss_sum",
-                                        "kl_sum", "seconds"}
+                                        "kl_sum", "seconds", "peak_rss_mb"}
             assert reply.n_samples is None
             assert type(reply.loss_sum) is int and type(reply.kl_sum) is int
         elif isinstance(reply, EvalReply):

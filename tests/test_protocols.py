@@ -108,7 +108,7 @@ def test_sample_counts_travel_only_when_aggregation_uses_them(tmp_path, received
     run(tmp_path, "fed.rounds=1", f"fed.aggregation={aggregation}")
     for worker, req, reply in received:
         assert set(vars(reply)) == {"round", "users", "shared", "n_samples", "loss_sum",
-                                    "kl_sum", "seconds"}
+                                    "kl_sum", "seconds", "peak_rss_mb"}
         assert isinstance(reply.loss_sum, int) and isinstance(reply.kl_sum, int)  # sums only
         if aggregation == "mean":
             assert reply.n_samples is None

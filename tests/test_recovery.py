@@ -30,7 +30,7 @@ from fedrpc.worker import Worker
 from launch import REPO, SMALL, Launch, assert_clean, free_port, tagged_pids
 
 CKPT = ["run.checkpoint_every=1", "run.keep_checkpoints=0", "fed.rounds=4"]
-TIMING = ("seconds",)
+TIMING = ("seconds", "peak_rss_mb")   # measurements of the processes, not results
 
 
 def cfg_of(out: Path, *over: str):

@@ -50,7 +50,7 @@ def _folder(cfg: DataConfig) -> Path:
 def _raw_interactions(cfg: Config) -> dict:
     d = cfg.data
     if d.format == "synthetic":
-        return generate(d.synthetic, cfg.run.seed)[0]
+        return generate(d.synthetic, cfg.run.seed, texts=False, images=False)[0]
     folder = _folder(d)
     if d.format == "movielens":
         return readers.read_movielens_interactions(folder)
@@ -123,10 +123,14 @@ def load_item_content(cfg: Config, cat: Catalogue) -> ItemContent:
     """The server's view: texts, images and precomputed features of the catalogue items."""
     d = cfg.data
     if d.format == "synthetic":
-        content = generate(d.synthetic, cfg.run.seed)[1]
+        # only the modalities an encoder reads (encoder.*.backend=none reads none)
+        content = generate(d.synthetic, cfg.run.seed, interactions=False,
+                           texts=cfg.encoder.text.backend != "none",
+                           images=cfg.encoder.image.backend != "none")[1]
         keep = cat.item_ids - cat.id_base  # synthetic ids are 1..I, rows 0..I-1
-        content = ItemContent(cat.item_ids, [content.texts[r] for r in keep],
-                              [content.images[r] for r in keep], stats=content.stats)
+        pick = lambda rows: None if rows is None else [rows[r] for r in keep]  # noqa: E731
+        content = ItemContent(cat.item_ids, pick(content.texts), pick(content.images),
+                              stats=content.stats)
     elif d.format == "movielens":
         texts, images, stats = readers.read_movielens_content(
             _folder(d), cat.item_ids, d.tmdb_csv, d.posters)
