@@ -240,6 +240,10 @@ class FedConfig:
     """local transport: number of in-process workers the clients are sharded over."""
     batched: bool = True
     """Train a worker's clients together (false: one client at a time, same result)."""
+    batch_clients: int = 2048
+    """Batched training takes at most this many clients at a time: a step's memory is
+    about clients x batch_size x latent_dim floats per tensor (same result whatever
+    the value)."""
     max_update_norm: float = 0.0
     """Reject an upload whose distance to the round's global parameters exceeds this many
     times the round's median (0 = no norm check; non-finite uploads and wrong shapes or
@@ -247,7 +251,7 @@ class FedConfig:
 
     def validate(self, key: str) -> None:
         for name in ("latent_dim", "rounds", "local_epochs", "batch_size", "num_negatives",
-                     "workers"):
+                     "workers", "batch_clients"):
             check(getattr(self, name) >= 1, f"{key}.{name}", "must be >= 1")
         check(self.clients_per_round >= 0, f"{key}.clients_per_round", "must be >= 0")
         check(0.0 < self.client_fraction <= 1.0, f"{key}.client_fraction", "must be in (0, 1]")

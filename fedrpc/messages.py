@@ -197,10 +197,11 @@ class Shutdown:
     """Server -> worker: the run is over."""
 
 
-def _cat(parts: list):
-    """Stack per-client uploads along clients (tensors, or item tables as `Rows`)."""
+def _cat(parts: list, order: Tensor):
+    """Stack per-client uploads along clients in `order` (tensors, or item tables as
+    `Rows`)."""
     from .rows import Rows
-    return Rows.cat(parts) if isinstance(parts[0], Rows) else torch.cat(parts)
+    return Rows.cat(parts, order) if isinstance(parts[0], Rows) else torch.cat(parts)[order]
 
 
 def stack_sorted(replies: list[TrainReply]) -> TrainReply:
@@ -209,7 +210,7 @@ def stack_sorted(replies: list[TrainReply]) -> TrainReply:
     users = np.concatenate([r.users for r in replies])
     order = np.argsort(users, kind="stable")
     ord_t = torch.from_numpy(order)
-    shared = {k: _cat([r.shared[k] for r in replies])[ord_t] for k in replies[0].shared}
+    shared = {k: _cat([r.shared[k] for r in replies], ord_t) for k in replies[0].shared}
     n_samples = (None if replies[0].n_samples is None
                  else np.concatenate([r.n_samples for r in replies])[order])
     return TrainReply(replies[0].round, users[order], shared, n_samples,

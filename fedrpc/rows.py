@@ -20,6 +20,9 @@ import torch
 from torch import Tensor
 
 
+CHUNK_ROWS = 1 << 20      # rows per chunk of the float64 reductions
+
+
 @dataclass(frozen=True)
 class Rows:
     counts: Tensor            # [N] int64: rows stored per client
@@ -62,12 +65,32 @@ class Rows:
         return Rows(counts.clone(), self.index[pos], self.values[pos], self.base)
 
     @staticmethod
-    def cat(parts: list["Rows"]) -> "Rows":
-        """Clients of several `Rows` over the same base, one after the other."""
-        if len(parts) == 1:
+    def cat(parts: list["Rows"], order: Optional[Tensor] = None) -> "Rows":
+        """Clients of several `Rows` over the same base, one after the other, or with
+        `order` (positions into that sequence) in that order; one copy of the rows."""
+        if len(parts) == 1 and order is None:
             return parts[0]
-        return Rows(torch.cat([p.counts for p in parts]), torch.cat([p.index for p in parts]),
-                    torch.cat([p.values for p in parts]), parts[0].base)
+        counts = torch.cat([p.counts for p in parts])
+        if order is None:
+            return Rows(counts, torch.cat([p.index for p in parts]),
+                        torch.cat([p.values for p in parts]), parts[0].base)
+        new_counts = counts[order]
+        # each client's rows go to the start of its place in the new order
+        dest_start = torch.empty_like(counts)
+        dest_start[order] = torch.cumsum(new_counts, 0) - new_counts
+        k, d = int(counts.sum()), parts[0].values.shape[1]
+        index = torch.empty(k, dtype=torch.int64)
+        values = torch.empty(k, d, dtype=parts[0].values.dtype)
+        first = 0
+        for p in parts:
+            c = counts[first:first + p.n]
+            within = torch.arange(int(c.sum())) - torch.repeat_interleave(
+                torch.cumsum(c, 0) - c, c)
+            dest = torch.repeat_interleave(dest_start[first:first + p.n], c) + within
+            index[dest] = p.index
+            values.index_copy_(0, dest, p.values)
+            first += p.n
+        return Rows(new_counts, index, values, parts[0].base)
 
     def check(self, n: int) -> None:
         """ValueError unless this holds n clients' rows consistently (right sizes, item ids
@@ -86,9 +109,15 @@ class Rows:
                 raise ValueError("row indices not strictly ascending within a client")
 
     # -- values -----------------------------------------------------------------------
-    def deltas(self) -> Tensor:
-        """[K, d] float64: each stored row minus the base's row."""
-        return self.values.double() - self.base.index_select(0, self.index).double()
+    def deltas(self, a: int = 0, b: Optional[int] = None) -> Tensor:
+        """[b - a, d] float64: stored rows a..b-1 minus the base's rows."""
+        idx = self.index[a:b]
+        return self.values[a:b].double() - self.base.index_select(0, idx).double()
+
+    def _spans(self):
+        """Row ranges of at most CHUNK_ROWS rows: float64 work stays bounded in memory."""
+        k = len(self.index)
+        return ((a, min(a + CHUNK_ROWS, k)) for a in range(0, k, CHUNK_ROWS))
 
     def finite(self) -> Tensor:
         """[N] bool: client n's table has only finite values (the base is finite)."""
@@ -99,9 +128,11 @@ class Rows:
     def sq_dist(self, ref: Tensor) -> Tensor:
         """[N] float64: ||table_n - ref||^2 (Frobenius), `ref` [I, d]."""
         base_row = (self.base.double() - ref.double()).pow(2).sum(1)          # [I]
-        stored = (self.values.double() - ref.index_select(0, self.index).double()).pow(2).sum(1)
-        per = torch.zeros(self.n, dtype=torch.float64).index_add_(
-            0, self.owners(), stored - base_row.index_select(0, self.index))
+        owner, per = self.owners(), torch.zeros(self.n, dtype=torch.float64)
+        for a, b in self._spans():
+            idx = self.index[a:b]
+            stored = (self.values[a:b].double() - ref.index_select(0, idx).double()).pow(2).sum(1)
+            per.index_add_(0, owner[a:b], stored - base_row.index_select(0, idx))
         return per + base_row.sum()
 
     def weighted_sums(self, groups: Optional[Tensor] = None, n_groups: int = 1,
@@ -116,9 +147,12 @@ class Rows:
         i, d = self.base.shape
         out = wsum.view(-1, 1, 1) * self.base.double().unsqueeze(0)
         owner = self.owners()
-        key = g.index_select(0, owner) * i + self.index
-        contrib = self.deltas() * w.index_select(0, owner).unsqueeze(1)
-        out.view(-1, d).index_add_(0, key, contrib)
+        for a, b in self._spans():
+            key = g.index_select(0, owner[a:b]) * i + self.index[a:b]
+            contrib = self.deltas(a, b)
+            if weights is not None:
+                contrib *= w.index_select(0, owner[a:b]).unsqueeze(1)
+            out.view(-1, d).index_add_(0, key, contrib)
         return out, wsum
 
     def dense(self) -> Tensor:

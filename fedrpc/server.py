@@ -113,10 +113,11 @@ class Server:
 
         # --- admit the uploads that may be averaged, then aggregate them
         tic = time.perf_counter()
-        admitted = self.strategy.admit(st, [replies[k] for k in sorted(replies)], r)
-        up = admitted.up
-        rec["clients"] = int(len(up.users)) if up is not None else 0
         rec["loss"] = _mean_losses([replies[k] for k in sorted(replies)])
+        self._peak_rss(replies)
+        admitted = self.strategy.admit(st, [replies.pop(k) for k in sorted(replies)], r)
+        up = admitted.up          # the uploads as received are freed once admitted
+        rec["clients"] = int(len(up.users)) if up is not None else 0
         if admitted.rejected:
             rec["rejected"] = {k: len(v) for k, v in admitted.rejected.items()}
         if up is not None:
@@ -148,7 +149,7 @@ class Server:
         t["total"] = sum(t.values())
         rec["seconds"] = {k: round(v, 4) for k, v in t.items()}
         rec["bytes"] = self.transport.ledger.round_summary(r)
-        rec["peak_rss_mb"] = self._peak_rss(replies)
+        rec["peak_rss_mb"] = self._peak_rss({})
         return rec
 
     def _peak_rss(self, replies: dict) -> dict[str, float]:

@@ -45,7 +45,8 @@ SERVER_FILE = "server.pt"
 # or packed. Every other key must match for a checkpoint to be resumed.
 NOT_AFFECTING = ("run.out_dir", "run.progress", "run.device", "run.resume",
                  "run.checkpoint_every", "run.keep_checkpoints", "run.overwrite",
-                 "fed.transport", "fed.workers", "fed.batched", "eval.batch_users",
+                 "fed.transport", "fed.workers", "fed.batched", "fed.batch_clients",
+                 "eval.batch_users",
                  "runtime.", "encoder.cache", "encoder.cache_dir", "encoder.device",
                  "encoder.text.batch_size", "encoder.image.batch_size")
 

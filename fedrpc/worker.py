@@ -95,8 +95,8 @@ class Worker:
         shared = prec.decode_all(req.shared)
         teacher = prec.decode(req.teacher)
         groups = None if req.teacher_row is None else torch.from_numpy(req.teacher_row)
-        chunks = [req.users] if self.cfg.fed.batched else [req.users[j:j + 1]
-                                                           for j in range(len(req.users))]
+        step = self.cfg.fed.batch_clients if self.cfg.fed.batched else 1
+        chunks = [req.users[j:j + step] for j in range(0, len(req.users), step)]
         outs = []
         for users in chunks:
             batch = build_client_batches(users, self.split.train_indptr, self.split.train_items,
