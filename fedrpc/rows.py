@@ -110,7 +110,8 @@ class Rows:
 
     # -- values -----------------------------------------------------------------------
     def deltas(self, a: int = 0, b: Optional[int] = None) -> Tensor:
-        """[b - a, d] float64: stored rows a..b-1 minus the base's rows."""
+        """[b - a, d] float64: stored rows a..b-1 minus the base's rows (the difference
+        of two float32 values is exact in float64)."""
         idx = self.index[a:b]
         return self.values[a:b].double() - self.base.index_select(0, idx).double()
 
@@ -129,30 +130,41 @@ class Rows:
         """[N] float64: ||table_n - ref||^2 (Frobenius), `ref` [I, d]."""
         base_row = (self.base.double() - ref.double()).pow(2).sum(1)          # [I]
         owner, per = self.owners(), torch.zeros(self.n, dtype=torch.float64)
-        for a, b in self._spans():
+        for a, b in self._spans():     # a row's distance in float32, sums in float64
             idx = self.index[a:b]
-            stored = (self.values[a:b].double() - ref.index_select(0, idx).double()).pow(2).sum(1)
+            diff = self.values[a:b] - ref.index_select(0, idx).to(self.values.dtype)
+            stored = (diff * diff).sum(1).double()
             per.index_add_(0, owner[a:b], stored - base_row.index_select(0, idx))
         return per + base_row.sum()
 
     def weighted_sums(self, groups: Optional[Tensor] = None, n_groups: int = 1,
-                      weights: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+                      weights: Optional[Tensor] = None, keep: Optional[Tensor] = None
+                      ) -> tuple[Tensor, Tensor]:
         """Per group g: (sum over its clients of w_n * table_n [G, I, d] float64, sum of
         w_n [G] float64). `groups` [N] in [0, n_groups) (None: one group); `weights`
-        [N] (None: 1). Summed in the clients' order."""
+        [N] (None: 1); `keep` [N] bool: only these clients (None: all). Summed in the
+        clients' order."""
         g = groups if groups is not None else torch.zeros(self.n, dtype=torch.long)
         w = (weights.double() if weights is not None
              else torch.ones(self.n, dtype=torch.float64))
+        if keep is not None:
+            w = torch.where(keep, w, 0.0)
         wsum = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, g, w)
         i, d = self.base.shape
         out = wsum.view(-1, 1, 1) * self.base.double().unsqueeze(0)
         owner = self.owners()
         for a, b in self._spans():
-            key = g.index_select(0, owner[a:b]) * i + self.index[a:b]
-            contrib = self.deltas(a, b)
+            own = owner[a:b]
+            rows = None if keep is None else keep.index_select(0, own).nonzero().reshape(-1) + a
+            if rows is not None and len(rows) == b - a:
+                rows = None
+            idx = self.index[a:b] if rows is None else self.index.index_select(0, rows)
+            own = own if rows is None else owner.index_select(0, rows)
+            vals = self.values[a:b] if rows is None else self.values.index_select(0, rows)
+            contrib = vals.double() - self.base.index_select(0, idx).double()
             if weights is not None:
-                contrib *= w.index_select(0, owner[a:b]).unsqueeze(1)
-            out.view(-1, d).index_add_(0, key, contrib)
+                contrib *= w.index_select(0, own).unsqueeze(1)
+            out.view(-1, d).index_add_(0, g.index_select(0, own) * i + idx, contrib)
         return out, wsum
 
     def dense(self) -> Tensor:

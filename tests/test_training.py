@@ -137,3 +137,18 @@ def test_bench_counts_the_work_of_a_round():
     assert w["slots"] == w["steps"] * f.batch_size >= w["sample_steps"]
     assert w["matmul_gflop"] == round(w["slots"] * 6 * f.latent_dim ** 2 / 1e9, 1)
     assert r["batched_s"] > 0 and r["one_by_one_s"] > 0 and r["straightforward_s"] > 0
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_full_ranking_scores_equal_the_training_logits(name):
+    """Evaluation scores every item with the same model the clients train."""
+    from fedrpc.models.backbones import Backbone
+    bb = make_backbone(name, 8)
+    shared = bb.init_shared(30, 0)
+    private = {}
+    for u in range(3):
+        for k, v in bb.init_private(30, 0, u).items():
+            private.setdefault(k, []).append(v + 0.1 * torch.randn_like(v))
+    private = {k: torch.stack(v) for k, v in private.items()}
+    torch.testing.assert_close(bb.score_all(shared, private),
+                               Backbone.score_all(bb, shared, private))

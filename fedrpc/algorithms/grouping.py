@@ -174,7 +174,7 @@ def group_targets(tables: Union[Tensor, Rows], labels: Union[np.ndarray, Tensor]
     nonfinite = ~tables.finite()
     outlier = torch.zeros_like(nonfinite)
     if (~nonfinite).any():
-        norms = tables[~nonfinite].sq_dist(torch.zeros_like(tables.base)).sqrt()
+        norms = tables.sq_dist(torch.zeros_like(tables.base)).sqrt()[~nonfinite]
         med = norms.median()  # lower median for an even count
         if med > 0:
             outlier[~nonfinite] = norms > outlier_factor * med
@@ -184,7 +184,7 @@ def group_targets(tables: Union[Tensor, Rows], labels: Union[np.ndarray, Tensor]
     kept = torch.bincount(lab[keep], minlength=n_groups).tolist()
     fallback = [k for k in range(n_groups) if kept[k] < min_group_size]
     if keep.any():
-        sums, counts = tables[keep].weighted_sums(lab[keep], n_groups)
+        sums, counts = tables.weighted_sums(lab, n_groups, keep=keep)
         global_mean = sums.sum(0) / counts.sum()
         for k in range(n_groups):
             targets[k] = (global_mean if k in fallback else sums[k] / counts[k]).to(targets.dtype)

@@ -159,6 +159,7 @@ class _MLPScorer(Backbone):
 
 class _DotScorer(Backbone):
     """Backbones scoring (private user part + shared w) . Q[i] + b."""
+    user_vector = ""                  # the private user part
     head = ("w", "b")
     output = ("w", "b")
     item_table = "Q"
@@ -168,6 +169,11 @@ class _DotScorer(Backbone):
 
     def group_logits(self, F, head):
         return torch.bmm(F, head["w"].unsqueeze(-1)).squeeze(-1) + head["b"]
+
+    def score_all(self, shared, private):
+        """One matrix product over all items: (user part + w) Q^T + b (+ c_u)."""
+        out = (private[self.user_vector] + shared["w"]) @ shared["Q"].T + shared["b"]
+        return out + private["c"] if "c" in private else out
 
 
 class _IndependenceRegulariser(Backbone):
@@ -211,6 +217,12 @@ class FedRAP(_IndependenceRegulariser):
         x = rows["P"] + rows["C"]
         return torch.bmm(x, dense["w"].unsqueeze(-1)).squeeze(-1) + dense["b"]
 
+    def score_all(self, shared, private):
+        """w_u . C[i] for all items as one matrix product, plus w_u . P_u[i]."""
+        w = private["w"]
+        own = torch.bmm(private["P"], w.unsqueeze(-1)).squeeze(-1)
+        return w @ shared["C"].T + own + private["b"]
+
     def group_logits(self, F, head):
         return torch.bmm(F, head["w"].unsqueeze(-1)).squeeze(-1) + head["b"]
 
@@ -247,6 +259,7 @@ class FedNCF(_MLPScorer):
 
 class FedAvgMF(_DotScorer):
     name = "fedavgmf"
+    user_vector = "e"
 
     def params(self):
         d = self.d
@@ -260,6 +273,7 @@ class FedAvgMF(_DotScorer):
 
 class PFedRec(_DotScorer):
     name = "pfedrec"
+    user_vector = "h"
 
     def params(self):
         d = self.d
