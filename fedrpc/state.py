@@ -195,14 +195,23 @@ class ClientStore:
 
     def dense_tables(self, slots: Tensor) -> dict[str, Tensor]:
         """{name: [n, I, d]} the full private tables of the clients at `slots` (evaluation
-        builds them per batch of users)."""
-        users = self.users[slots.cpu().numpy()]
+        builds them per batch of users): initial values, then each client's stored rows
+        (a slice of the store per client, no search over items)."""
+        slots_np = slots.cpu().numpy().astype(np.int64)
+        users = self.users[slots_np]
+        n, i = len(users), self.n_items
         out = {}
-        all_items = np.tile(np.arange(self.n_items), len(users))
-        counts = np.full(len(users), self.n_items)
-        for name in self.tables:
-            out[name] = self.table_rows(name, users, counts, all_items).view(
-                len(users), self.n_items, -1)
+        for name, (keys, values) in self.tables.items():
+            lo = np.searchsorted(keys, slots_np * i)
+            hi = np.searchsorted(keys, (slots_np + 1) * i)
+            counts = hi - lo
+            pos = np.repeat(lo - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts) \
+                + np.arange(int(counts.sum()))
+            dest = np.repeat(np.arange(n) * i, counts) + keys[pos] % i
+            full = self._initial(name, users, np.full(n, i), np.tile(np.arange(i), n))
+            full[torch.from_numpy(dest).to(self.device)] = \
+                values[torch.from_numpy(pos).to(self.device)]
+            out[name] = full.view(n, i, -1)
         return out
 
     def stored_rows(self) -> int:

@@ -152,3 +152,19 @@ def test_full_ranking_scores_equal_the_training_logits(name):
     private = {k: torch.stack(v) for k, v in private.items()}
     torch.testing.assert_close(bb.score_all(shared, private),
                                Backbone.score_all(bb, shared, private))
+
+
+def test_private_tables_keep_only_the_rows_clients_trained(small):
+    """A worker's memory for FedRAP's private item tables grows with the rows its clients
+    trained, not with clients x items; every other row reads as its initial value."""
+    inter, split = small
+    users = np.arange(inter.n_users)
+    s = LocalSettings(epochs=1, batch_size=16)
+    bb, state, _ = _train("fedrap", small, users, s)
+    batch = build_client_batches(users, split.train_indptr, split.train_items,
+                                 inter.n_items, s)
+    assert state.stored_rows() == int(batch.counts.sum()) < len(users) * inter.n_items
+    full = state.dense_tables(torch.arange(len(users)))["P"]
+    trained = torch.zeros(len(users), inter.n_items, dtype=torch.bool)
+    trained[torch.from_numpy(np.repeat(users, batch.counts)), torch.from_numpy(batch.items)] = True
+    assert (full[~trained] == 0).all() and (full[trained] != 0).any(-1).all()
