@@ -224,10 +224,12 @@ class FedConfig:
     aggregation: Literal["mean", "samples"] = "mean"
     """mean over participants, or weighted by their training samples (only then does a
     client send its sample count)."""
-    protocol: Literal["dense", "sparse", "secagg"] = "dense"
+    protocol: Literal["dense", "sparse", "sparse_int8", "secagg"] = "dense"
     """Upload protocol: dense = every client uploads its whole item table (the paper's);
     sparse = only the item rows it changed, with their indices (same numbers at fp32,
-    fewer bytes; the indices tell the server which items it trained on); secagg = secure
+    fewer bytes; the indices tell the server which items it trained on); sparse_int8 =
+    sparse, each row's change quantised to int8 with one fp32 scale per row (lossy);
+    secagg = secure
     group aggregation: tables masked in a second upload phase, the server learns only
     per-group sums. README, "Communication"."""
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"

@@ -13,7 +13,7 @@ from fedrpc.runtime import run_local
 from fedrpc.state import ServerState
 from fedrpc.strategy import GFMFR
 from fedrpc.rows import Rows
-from fedrpc.strategy.sparse import DenseRows, SparseRows
+from fedrpc.strategy.sparse import DenseRows, QuantizedRows, SparseRows
 from fedrpc.training import build_client_batches
 from fedrpc.worker import Worker
 
@@ -75,7 +75,7 @@ def touched_rows(req, reply):
     if isinstance(up, DenseRows):      # logically the whole table: compare it with the sent one
         sent = req.shared["Q"].float()
         up = Rows(up.counts.long(), up.index.long(), up.values.float(), sent).dense()
-    elif isinstance(up, SparseRows):
+    elif isinstance(up, (SparseRows, QuantizedRows)):
         ends = np.cumsum(up.counts.numpy())
         return {int(u): set(up.index[e - c:e].tolist())
                 for u, c, e in zip(reply.users, up.counts.numpy(), ends)}
@@ -84,7 +84,7 @@ def touched_rows(req, reply):
             for j, u in enumerate(reply.users)}
 
 
-@pytest.mark.parametrize("protocol", ["dense", "sparse"])
+@pytest.mark.parametrize("protocol", ["dense", "sparse", "sparse_int8"])
 def test_the_touched_row_attack_recovers_every_clients_training_items(tmp_path, received,
                                                                         protocol):
     """README, "Communication": dense and sparse uploads tell the server which items each
@@ -143,6 +143,32 @@ def test_sparse_gives_the_dense_numbers_and_its_byte_formula(tmp_path, received)
         assert rd["bytes"]["logical"]["train_up"]["mean"] == I * D * 4 + head
         assert up["total"] < 0.75 * rd["bytes"]["logical"]["train_up"]["total"]
         assert rd["bytes"]["logical"]["train_down"] == rs["bytes"]["logical"]["train_down"]
+
+
+def test_sparse_int8_bytes_and_error_bound(tmp_path, received):
+    """sparse_int8: 4 + k (4 + d + 4) bytes of item table per client, and every decoded
+    value within 1/254 of its row's largest change from the row sent."""
+    from fedrpc.strategy import GFMFR
+    run(tmp_path, "fed.workers=2", "fed.protocol=sparse_int8")
+    head = (D + 1) * 4
+    recs = records(tmp_path)
+    for worker, req, reply in received:
+        truth = training_items(worker, req)
+        k = np.array([len(truth[int(u)]) for u in req.users])
+        assert reply.client_bytes().tolist() == (4 + k * (4 + D + 4) + head).tolist()
+    assert all(np.isfinite(r["metrics"]["test"]["HR@10"]) for r in recs)
+    strategy = GFMFR(load_config(None, SMALL + ["fed.protocol=sparse_int8"]))
+    gen = torch.Generator().manual_seed(1)
+    base = torch.randn(I, D, generator=gen)
+    tables = base.repeat(3, 1, 1)
+    tables[0, :5] += 0.01 * torch.randn(5, D, generator=gen)
+    tables[2, 7] += 3.0 * torch.randn(D, generator=gen)
+    rows = Rows.from_dense(tables, base)
+    up = strategy.codec.encode({"Q": base}, {"Q": rows})["Q"]
+    back = strategy.codec.decode({"Q": base}, {"Q": up}, 3)["Q"].dense()
+    change = (tables - base).abs().amax(-1, keepdim=True)
+    assert ((back - tables).abs() <= change / 254 + 1e-6).all()
+    assert up.counts.tolist() == [5, 0, 1]
 
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])

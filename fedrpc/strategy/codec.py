@@ -6,7 +6,7 @@ admission and aggregation (`decode`). Each encoded form knows its per-client byt
 codec's analytic formula, which the byte ledger records as the logical upload
 (DESIGN principle 4; tests check the two are equal).
 
-    fed.protocol   dense (dense.py) | sparse (sparse.py) | secagg (secagg.py: two phases,
+    fed.protocol   dense (dense.py) | sparse, sparse_int8 (sparse.py) | secagg (secagg.py: two phases,
                    the server learns per-group sums only)
     fed.precision  fp32 | fp16 | bf16 (precision.py), composable with either protocol
 """
@@ -48,8 +48,8 @@ class UploadCodec:
 def make_codec(protocol: str, precision: str, item_table: str) -> UploadCodec:
     from .dense import Dense
     from .secagg import SecAgg
-    from .sparse import Sparse
-    codecs = {c.name: c for c in (Dense, Sparse, SecAgg)}
+    from .sparse import Sparse, SparseInt8
+    codecs = {c.name: c for c in (Dense, Sparse, SparseInt8, SecAgg)}
     if protocol not in codecs:
         raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(codecs)}")
     return codecs[protocol](Precision(precision), item_table)

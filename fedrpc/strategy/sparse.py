@@ -97,3 +97,67 @@ class Sparse(UploadCodec):
         out[self.item_table] = decode_rows(upload.get(self.item_table), self.precision,
                                            sent[self.item_table], n, self.item_table)
         return out
+
+
+@dataclass(frozen=True)
+class QuantizedRows:
+    """The sparse_int8 protocol's item table: N clients' changed rows, each row's change
+    from the row sent as int8 with one fp32 scale (its largest absolute change)."""
+    counts: Tensor           # [N] int32 rows per client
+    index: Tensor            # [K] int32 row ids, ascending per client
+    q: Tensor                # [K, d] int8: round(127 * change / scale)
+    scale: Tensor            # [K] float32
+
+    def payload_bytes(self) -> int:
+        return sum(t.numel() * t.element_size()
+                   for t in (self.counts, self.index, self.q, self.scale))
+
+    def client_bytes(self) -> np.ndarray:
+        """Per client: 4 (row count) + k * (4 (index) + d (int8 values) + 4 (scale))."""
+        d = self.q.shape[1]
+        return INDEX_BYTES + self.counts.numpy().astype(np.int64) * (INDEX_BYTES + d + 4)
+
+
+class SparseInt8(UploadCodec):
+    """sparse, with each changed row's change quantised to int8 (per-row scale): a value's
+    error is at most scale / 254. Other uploads go at fed.precision."""
+    name = "sparse_int8"
+
+    def encode(self, sent: dict[str, Tensor], trained: dict) -> dict:
+        out = self.precision.encode_all({k: v for k, v in trained.items()
+                                         if k != self.item_table})
+        rows = trained[self.item_table]
+        change = rows.values - rows.base.index_select(0, rows.index)
+        keep = (change != 0).any(-1)
+        change = change[keep]
+        scale = change.abs().amax(1) if len(change) else torch.zeros(0)
+        q = torch.round(change * (127.0 / scale.clamp(min=1e-30)).unsqueeze(1))
+        counts = torch.zeros(rows.n, dtype=torch.int64).index_add_(0, rows.owners(), keep.long())
+        out[self.item_table] = QuantizedRows(counts.to(torch.int32),
+                                             rows.index[keep].to(torch.int32),
+                                             q.to(torch.int8), scale.float())
+        return out
+
+    def decode(self, sent: dict[str, Tensor], upload: dict, n: int) -> dict:
+        out = self.decode_dense({k: v for k, v in upload.items() if k != self.item_table})
+        up, base = upload.get(self.item_table), sent[self.item_table]
+        if not isinstance(up, QuantizedRows):
+            raise ValueError(f"{self.item_table}: {type(up).__name__} sent, expected "
+                             f"QuantizedRows")
+        if (up.q.dtype != torch.int8 or up.scale.dtype != torch.float32
+                or up.counts.dtype != torch.int32 or up.index.dtype != torch.int32
+                or tuple(up.q.shape) != (len(up.index), base.shape[1])
+                or tuple(up.scale.shape) != (len(up.index),)
+                or not bool(torch.isfinite(up.scale).all())):
+            raise ValueError(f"{self.item_table}: inconsistent quantised rows")
+        index = up.index.long()
+        if len(index) and (int(index.min()) < 0 or int(index.max()) >= base.shape[0]):
+            raise ValueError(f"{self.item_table}: a row index outside [0, {base.shape[0]})")
+        values = base.index_select(0, index) + up.q.float() * (up.scale / 127.0).unsqueeze(1)
+        rows = Rows(up.counts.long(), index, values, base)
+        try:
+            rows.check(n)
+        except ValueError as e:
+            raise ValueError(f"{self.item_table}: {e}") from None
+        out[self.item_table] = rows
+        return out
