@@ -133,26 +133,21 @@ class TrainOutput:
     n_samples: np.ndarray
 
 
-def _touched(flat: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """The valid samples' positions in `flat` [K], the distinct rows they touch, and
-    each valid sample's index among those rows (shared by every table of a step)."""
-    pos = valid.nonzero().reshape(-1)
-    uniq, inv = torch.unique(flat.index_select(0, pos), return_inverse=True)
-    return pos, uniq, inv
-
-
-def _sgd_rows(table: Tensor, touched: tuple[Tensor, Tensor, Tensor], grad: Tensor,
+def _sgd_rows(table: Tensor, flat: Tensor, grad: Tensor, old: Tensor, valid: Tensor,
               lr: float, wd: float) -> None:
-    """SGD on the rows of `table` [R, d] a step's valid samples touched (`_touched`),
-    with the samples' gradients `grad` [K, d] (padding takes no step).
+    """SGD on rows `flat` [K] of `table` [R, d] for the samples marked `valid` [K]:
+    `grad` [K, d] their gradients, `old` [K, d] the rows' values before the step.
 
-    Gradients of a repeated row add up; weight decay applies once to each touched row.
+    Gradients of a repeated row add up; weight decay applies once to each row a valid
+    sample touched (a row touched m times takes 1/m of it from each); padding takes no
+    step. One scatter-add into the table: no sort, no temporary per distinct row.
     """
-    pos, uniq, inv = touched
-    g = torch.zeros(len(uniq), table.shape[-1], dtype=grad.dtype, device=grad.device
-                    ).index_add_(0, inv, grad.index_select(0, pos))
-    old = table.index_select(0, uniq)
-    table.index_copy_(0, uniq, old - lr * (g + wd * old))
+    pos = valid.nonzero().reshape(-1)
+    f, g = flat.index_select(0, pos), grad.index_select(0, pos)
+    if wd:
+        m = torch.bincount(f, minlength=table.shape[0]).index_select(0, f)
+        g = g.addcmul_(old.index_select(0, pos), (wd / m.to(g.dtype)).unsqueeze(1))
+    table.index_add_(0, f, g, alpha=-lr)
 
 
 def train_clients(backbone: Backbone, global_shared: dict[str, Tensor], state: ClientStore,
@@ -230,10 +225,11 @@ def train_clients(backbone: Backbone, global_shared: dict[str, Tensor], state: C
         step_scale = (cnt / s.batch_size).clamp(max=1.0)
         grads = torch.autograd.grad((loss * step_scale).sum(), leaves)
         with torch.no_grad():
-            touched = _touched(flat, v.reshape(-1)) if tables else None
+            vflat = v.reshape(-1)
             for (name, table), g in zip(tables.items(), grads[:len(rows)]):
                 lr = s.lr_item if name in global_shared else s.lr_private_item
-                _sgd_rows(table, touched, g.reshape(-1, d), lr, s.weight_decay)
+                _sgd_rows(table, flat, g.reshape(-1, d), rows[name].detach().reshape(-1, d),
+                          vflat, lr, s.weight_decay)
             for (name, p), g in zip(dense.items(), grads[len(rows):]):
                 dense_store[name].index_copy_(0, owner[name][:n],
                                               p.detach() - s.lr * (g + s.weight_decay * p.detach()))
