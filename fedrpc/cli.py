@@ -1,4 +1,5 @@
-"""Command line: `fedrpc run | encode | data stats | baseline | bench train | diagnose teacher |
+"""Command line: `fedrpc run | encode | data stats | baseline | bench train | bench round |
+diagnose teacher |
 config reference | report`
 (also `python -m fedrpc`)."""
 from __future__ import annotations
@@ -119,6 +120,34 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _cmd_bench_round(args) -> int:
+    from .bench import bench_round
+    cfg = load_config(args.config, [*args.overrides, "run.progress=false"])
+    r = bench_round(cfg, max(1, args.rounds), not args.no_profile, args.top)
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return 0
+    print(f"round {r['round']}, {r['clients']} clients, {r['threads']} threads; "
+          f"torch.mm {r['gemm_gflops']} GFLOPS, memory read {r['read_gbps']} GB/s")
+    print(f"  {'phase':<10} {'seconds':>8} {'GFLOP':>8} {'MB':>8} {'floor s':>8} {'ratio':>7}")
+    for ph, p in r["phases"].items():
+        ratio = f"{p['ratio']:.1f}" if p["ratio"] is not None else "-"
+        print(f"  {ph:<10} {p['seconds']:8.3f} {p['gflop']:8.2f} {p['mbytes']:8.1f} "
+              f"{p['floor_s']:8.4f} {ratio:>7}")
+    print(f"  {'total':<10} {r['total_s']:8.3f}")
+    if "gfmfr" in r:
+        gf = r["gfmfr"]
+        print(f"groups {gf.get('group_sizes')}, fusion loss {gf.get('fusion_loss')}, "
+              f"{gf.get('fusion_epochs')} fusion epochs, {gf.get('pca_components')} PCA dims")
+    if "test" in r:
+        print("test " + ", ".join(f"{k} {v:.4f}" for k, v in r["test"].items()))
+    for ph, ops in r.get("top_ops", {}).items():
+        print(f"top operators by self CPU time, {ph} (a profiled extra round):")
+        for o in ops:
+            print(f"    {o['self_ms']:9.1f} ms {o['calls']:7d}x  {o['op']}")
+    return 0
+
+
 def _cmd_diagnose_teacher(args) -> int:
     from .diagnostics import diagnose_teacher
     from .reporting import write_json
@@ -197,6 +226,16 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--clients", type=int, default=0, help="first N clients (0 = all)")
     bt.add_argument("--repeats", type=int, default=1, help="best of this many runs")
     bt.set_defaults(func=_cmd_bench)
+    br = bn.add_parser("round", help="whole rounds in this process: seconds per phase, its "
+                                     "arithmetic floor and the ratio; top operators per phase")
+    _add_config_args(br)
+    br.add_argument("--rounds", type=int, default=2,
+                    help="rounds to run; the last is reported (round 0 has no teacher)")
+    br.add_argument("--top", type=int, default=8, help="operators per phase in the profile")
+    br.add_argument("--no-profile", action="store_true",
+                    help="skip the extra profiled round")
+    br.add_argument("--json", action="store_true", help="print JSON")
+    br.set_defaults(func=_cmd_bench_round)
     return ap
 
 

@@ -43,6 +43,14 @@ def _preprocess(x: np.ndarray, pca: Optional[float], seed: int) -> np.ndarray:
     return reduced if reduced.shape[1] >= 1 else x
 
 
+def pca_components(features: np.ndarray, pca: Optional[float]) -> int:
+    """How many dimensions the grouping's preprocessing keeps for these features."""
+    x = np.asarray(features, dtype=np.float64)
+    x = x.reshape(x.shape[0], -1)
+    x = x[np.isfinite(x).all(axis=1)]
+    return int(_preprocess(x, pca, 0).shape[1]) if len(x) else 0
+
+
 def rbf_affinity(x: np.ndarray) -> np.ndarray:
     """A_ij = exp(-gamma * ||x_i - x_j||^2), gamma = 1 / (2 * median_{i<j} ||x_i - x_j||^2).
 
