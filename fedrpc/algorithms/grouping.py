@@ -15,44 +15,166 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from scipy.spatial.distance import pdist, squareform
 from sklearn.cluster import KMeans, SpectralClustering
-from sklearn.decomposition import PCA
-from sklearn.preprocessing import StandardScaler
 from torch import Tensor
 
 log = logging.getLogger(__name__)
 
 KMEANS_N_INIT = 10
+"""k-means restarts (seeded) up to KMEANS_SMALL clients; KMEANS_N_INIT_LARGE above."""
+KMEANS_SMALL = 20_000
+KMEANS_N_INIT_LARGE = 3
+KNN_NEIGHBOURS = 12
+"""Spectral clustering's affinity keeps each client's 12 nearest neighbours (symmetrised)."""
+SPECTRAL_MAX_CLIENTS = 200_000
+"""Above this many clients spectral clustering is refused (its exact neighbour search
+grows as N^2 in time and its eigensolver's factorisation is not bounded in memory);
+gfmfr.clustering=kmeans scales linearly."""
+EXACT_PCA_MAX = 2048
+"""PCA is exact (eigendecomposition of the smaller Gram matrix) when min(N, F) is at most
+this; randomized SVD above."""
+MEDIAN_PAIRS = 2_000_000
+"""The RBF width uses the exact median pairwise distance up to this many pairs, else the
+median of this many pairs drawn with the seed."""
+_BLOCK_BYTES = 64 * 2 ** 20   # memory of one block of the neighbour search
 
 
 # ------------------------------------------------------------------------ grouping
 def _canonical(labels: np.ndarray) -> np.ndarray:
     """Renumber labels 0, 1, ... in order of first appearance (a stable naming)."""
-    _, first = np.unique(labels, return_index=True)
-    order = labels[np.sort(first)]
-    remap = {int(old): new for new, old in enumerate(order)}
-    return np.array([remap[int(x)] for x in labels], dtype=np.int64)
+    _, first, inverse = np.unique(labels, return_index=True, return_inverse=True)
+    rank = np.empty(len(first), dtype=np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(len(first))
+    return rank[inverse.reshape(-1)]
+
+
+def _standardise(x: np.ndarray) -> np.ndarray:
+    """(x - mean) / std per column in float32 (StandardScaler's rule: a constant column
+    becomes 0, never NaN); the moments are accumulated in float64."""
+    mean = x.mean(axis=0, dtype=np.float64)
+    std = x.std(axis=0, dtype=np.float64)
+    std[std == 0] = 1.0
+    return ((x - mean) / std).astype(np.float32)
+
+
+def _top_components(x: Tensor, k: int, gen: torch.Generator, n_iter: int = 4
+                    ) -> tuple[Tensor, Tensor]:
+    """Randomized SVD of x [N, F]: (U S [N, k], S [k]), the leading k singular directions
+    (Halko et al.: a Gaussian sketch with 10 extra columns, `n_iter` power iterations
+    with re-orthonormalisation), seeded by `gen`."""
+    p = min(k + 10, min(x.shape))
+    q = torch.linalg.qr(x @ torch.randn(x.shape[1], p, generator=gen)).Q
+    for _ in range(n_iter):
+        q = torch.linalg.qr(x.t() @ q).Q
+        q = torch.linalg.qr(x @ q).Q
+    u, s, _ = torch.linalg.svd(q.t() @ x, full_matrices=False)
+    return (q @ u[:, :k]) * s[:k], s[:k]
+
+
+def _pca(x: np.ndarray, share: float, seed: int) -> np.ndarray:
+    """Scores of x (centred) on the fewest principal components that keep `share` of the
+    variance. Exact when min(N, F) <= EXACT_PCA_MAX (eigenvectors of the smaller Gram
+    matrix), else randomized SVD with the number of components doubled until the
+    share is reached (the total variance is known exactly: sum of squares)."""
+    t = torch.from_numpy(x)
+    n, f = t.shape
+    total = float(torch.sum(t.double() ** 2))
+    if total <= 0:
+        return x[:, :1] * 0
+    if min(n, f) <= EXACT_PCA_MAX:
+        gram = t @ t.t() if n <= f else t.t() @ t
+        evals, evecs = torch.linalg.eigh(gram.double())
+        evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
+        m = int(torch.searchsorted(torch.cumsum(evals, 0) / total, share)) + 1
+        m = min(m, len(evals))
+        if n <= f:                      # x = U S V^T: scores U S = U sqrt(eigenvalues)
+            return (evecs[:, :m] * evals[:m].sqrt()).float().numpy()
+        return (t @ evecs[:, :m].float()).numpy()
+    gen = torch.Generator().manual_seed(int(seed))
+    k = 32
+    while True:
+        k = min(k, n, f)
+        scores, s = _top_components(t, k, gen)
+        kept = torch.cumsum(s.double() ** 2, 0) / total
+        if kept[-1] >= share or k == min(n, f):
+            m = min(int(torch.searchsorted(kept, share)) + 1, k)
+            return scores[:, :m].numpy()
+        k *= 2
 
 
 def _preprocess(x: np.ndarray, pca: Optional[float], seed: int) -> np.ndarray:
-    """StandardScaler (constant columns -> 0, never NaN), then optional PCA(`pca` var)."""
-    x = StandardScaler().fit_transform(x)
+    """Standardise, then optional PCA keeping `pca` of the variance; float32."""
+    x = _standardise(x)
     n, f = x.shape
     if pca is None or n < 3 or f < 2:
         return x
-    reduced = PCA(n_components=pca, svd_solver="full", random_state=seed).fit_transform(x)
+    reduced = _pca(x, pca, seed)
     return reduced if reduced.shape[1] >= 1 else x
 
 
 def pca_components(features: np.ndarray, pca: Optional[float]) -> int:
     """How many dimensions the grouping's preprocessing keeps for these features."""
-    x = np.asarray(features, dtype=np.float64)
+    x = np.asarray(features, dtype=np.float32)
     x = x.reshape(x.shape[0], -1)
     x = x[np.isfinite(x).all(axis=1)]
     return int(_preprocess(x, pca, 0).shape[1]) if len(x) else 0
 
 
+def _median_distance(t: Tensor, sq: Tensor, seed: int) -> float:
+    """Median pairwise Euclidean distance: exact up to MEDIAN_PAIRS pairs, else over
+    MEDIAN_PAIRS pairs drawn with `seed`; positive distances only if the median is 0."""
+    n = t.shape[0]
+    if n * (n - 1) // 2 <= MEDIAN_PAIRS:
+        i, j = torch.triu_indices(n, n, 1)
+    else:
+        rng = np.random.default_rng(seed)
+        i = torch.from_numpy(rng.integers(0, n, MEDIAN_PAIRS))
+        j = torch.from_numpy(rng.integers(0, n - 1, MEDIAN_PAIRS))
+        j = j + (j >= i).long()                                 # j != i
+    parts = []
+    for s in range(0, len(i), 1 << 18):
+        a, b = i[s:s + (1 << 18)], j[s:s + (1 << 18)]
+        parts.append(((t[a] - t[b]) ** 2).sum(1).sqrt())
+    dist = torch.cat(parts) if parts else torch.zeros(0)
+    med = float(dist.median()) if dist.numel() else 0.0
+    if med <= 0.0:
+        pos = dist[dist > 0]
+        med = float(pos.median()) if pos.numel() else 1.0
+    return med
+
+
+def knn_affinity(x: np.ndarray, k: int = KNN_NEIGHBOURS, seed: int = 0):
+    """Sparse RBF affinity on the k-nearest-neighbour graph: A_ij = exp(-gamma d_ij^2)
+    when j is among i's k nearest neighbours or i among j's (symmetrised), else 0;
+    gamma = 1 / (2 m^2) with m the median pairwise distance (`_median_distance`).
+
+    The neighbour search is exact and blocked (rows at a time, about 64 MB each), so
+    memory stays O(N k + block). Returns a scipy.sparse CSR matrix [N, N], zero diagonal.
+    """
+    from scipy import sparse
+
+    t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    n = t.shape[0]
+    k = max(1, min(k, n - 1))
+    sq = (t * t).sum(1)
+    gamma = 1.0 / (2.0 * _median_distance(t, sq, seed) ** 2)
+    rows = max(1, _BLOCK_BYTES // (4 * n))
+    nbr_d, nbr_i = [], []
+    for s in range(0, n, rows):
+        d2 = (sq[s:s + rows, None] + sq[None, :] - 2 * (t[s:s + rows] @ t.t())).clamp_min(0)
+        d2[torch.arange(d2.shape[0]), torch.arange(s, s + d2.shape[0])] = float("inf")
+        d, i = torch.topk(d2, k, dim=1, largest=False, sorted=True)
+        nbr_d.append(d)
+        nbr_i.append(i)
+    d2, idx = torch.cat(nbr_d), torch.cat(nbr_i)
+    w = torch.exp(-gamma * d2).double().numpy().reshape(-1)
+    a = sparse.csr_matrix((w, (np.repeat(np.arange(n), k), idx.numpy().reshape(-1))),
+                          shape=(n, n))
+    return a.maximum(a.T).tocsr()
+
+
 def rbf_affinity(x: np.ndarray) -> np.ndarray:
-    """A_ij = exp(-gamma * ||x_i - x_j||^2), gamma = 1 / (2 * median_{i<j} ||x_i - x_j||^2).
+    """Dense A_ij = exp(-gamma * ||x_i - x_j||^2), gamma = 1 / (2 * median_{i<j} ||x_i - x_j||^2)
+    (the affinity before the k-NN one; kept as the reference for small N).
 
     The median is taken over the pairwise (Euclidean) distances and then squared. If it
     is 0 (many duplicate rows) the median of the positive distances is used instead.
@@ -66,6 +188,13 @@ def rbf_affinity(x: np.ndarray) -> np.ndarray:
     return np.exp(-gamma * squareform(dist) ** 2)
 
 
+def _kmeans(x: np.ndarray, g: int, seed: int) -> np.ndarray:
+    n_init = KMEANS_N_INIT if len(x) <= KMEANS_SMALL else KMEANS_N_INIT_LARGE
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return KMeans(n_clusters=g, n_init=n_init, random_state=seed).fit_predict(x)
+
+
 def _cluster(x: np.ndarray, g: int, method: str, seed: int) -> np.ndarray:
     """Cluster rows of `x` into `g` groups; spectral falls back to KMeans on failure."""
     if method == "spectral":
@@ -74,12 +203,10 @@ def _cluster(x: np.ndarray, g: int, method: str, seed: int) -> np.ndarray:
                 warnings.simplefilter("ignore")
                 sc = SpectralClustering(n_clusters=g, affinity="precomputed",
                                         random_state=seed, assign_labels="kmeans")
-                return sc.fit_predict(rbf_affinity(x))
+                return sc.fit_predict(knn_affinity(x, seed=seed))
         except Exception as exc:  # numerical failure on degenerate inputs
             log.warning("spectral clustering failed (%s); falling back to KMeans", exc)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return KMeans(n_clusters=g, n_init=KMEANS_N_INIT, random_state=seed).fit_predict(x)
+    return _kmeans(x, g, seed)
 
 
 def group_clients(features: np.ndarray, n_groups: int,
@@ -87,9 +214,11 @@ def group_clients(features: np.ndarray, n_groups: int,
                   pca: Optional[float] = 0.95, seed: int = 0) -> np.ndarray:
     """Cluster N clients into at most `n_groups` groups by their feature rows.
 
-    Pipeline: StandardScaler -> PCA keeping `pca` of the variance (skipped if None or
-    N < 3) -> SpectralClustering on the RBF affinity of `rbf_affinity`, or KMeans with
-    a fixed n_init; both seeded. Labels are renumbered in order of first appearance.
+    Pipeline, in float32: standardise (StandardScaler's rule) -> PCA keeping `pca` of the
+    variance (skipped if None or N < 3; `_pca`: exact for min(N, F) <= EXACT_PCA_MAX,
+    randomized SVD above) -> SpectralClustering on the sparse k-nearest-neighbour RBF
+    affinity of `knn_affinity` (at most SPECTRAL_MAX_CLIENTS clients), or KMeans with a
+    fixed n_init; all seeded. Labels are renumbered in order of first appearance.
 
     Edge cases (never crash): N == 0 -> empty; the number of groups used is
     min(n_groups, #distinct finite rows), so N < G, N == 1 and identical rows give
@@ -103,18 +232,30 @@ def group_clients(features: np.ndarray, n_groups: int,
         raise ValueError(f"group_clients: n_groups must be >= 1, got {n_groups}")
     if pca is not None and not 0.0 < pca < 1.0:
         raise ValueError(f"group_clients: pca must be in (0, 1) or None, got {pca}")
-    x = np.asarray(features, dtype=np.float64)
+    x = np.asarray(features, dtype=np.float32)
     x = x.reshape(x.shape[0], -1) if x.ndim != 2 else x
     n = x.shape[0]
+    if method == "spectral" and n > SPECTRAL_MAX_CLIENTS:
+        raise ValueError(f"group_clients: spectral clustering of {n:,} clients exceeds its "
+                         f"limit of {SPECTRAL_MAX_CLIENTS:,} (quadratic neighbour search, "
+                         f"unbounded eigensolver memory); use gfmfr.clustering=kmeans")
     labels = np.zeros(n, dtype=np.int64)
     finite = np.isfinite(x).all(axis=1)
     xf = x[finite]
-    g = min(n_groups, len(np.unique(xf, axis=0))) if len(xf) else 0
+    g = min(n_groups, _distinct_rows(xf, n_groups)) if len(xf) else 0
     if g >= 2:
         labels[finite] = _canonical(_cluster(_preprocess(xf, pca, seed), g, method, seed))
     if (~finite).any() and finite.any():
         labels[~finite] = int(np.argmax(np.bincount(labels[finite])))
     return labels
+
+
+def _distinct_rows(x: np.ndarray, cap: int) -> int:
+    """min(#distinct rows of x, cap), without sorting every row when a few suffice."""
+    head = np.unique(x[: max(cap * 64, 1024)], axis=0)
+    if len(head) >= cap:
+        return cap
+    return min(len(np.unique(x, axis=0)), cap)
 
 
 # ----------------------------------------------------------------------- alignment
@@ -149,14 +290,22 @@ def align_groups(prev_users: Optional[np.ndarray], prev_labels: Optional[np.ndar
 
 # ------------------------------------------------------------------------- targets
 def _upload_filter(flat: Tensor, outlier_factor: float) -> tuple[Tensor, Tensor]:
-    """Masks of uploads that are non-finite, and of finite ones with ||x||_F > f * median."""
-    nonfinite = ~torch.isfinite(flat).all(dim=1)
+    """Masks of uploads that are non-finite, and of finite ones with ||x||_F > f * median.
+
+    One pass over the uploads: the row norms (float32 accumulation; a NaN norm means a
+    NaN entry); only rows whose norm is infinite are checked entry by entry (an inf entry,
+    or finite entries whose squares overflow: the latter are outliers)."""
+    norms = torch.linalg.vector_norm(flat, dim=1).double()
+    nonfinite = torch.isnan(norms)
+    huge = torch.isinf(norms)
+    if huge.any():
+        nonfinite[huge] = ~torch.isfinite(flat[huge]).all(dim=1)
     outlier = torch.zeros_like(nonfinite)
-    if (~nonfinite).any():
-        norms = torch.linalg.vector_norm(flat[~nonfinite].double(), dim=1)
-        med = norms.median()  # lower median for an even count
+    ok = ~nonfinite
+    if ok.any():
+        med = norms[ok].median()        # lower median for an even count
         if med > 0:
-            outlier[~nonfinite] = norms > outlier_factor * med
+            outlier[ok] = norms[ok] > outlier_factor * med
     return nonfinite, outlier
 
 
@@ -170,6 +319,9 @@ def group_targets(tables: Tensor, labels: Union[np.ndarray, Tensor], n_groups: i
     ||C_n||_F > outlier_factor * median_n ||C_n||_F is excluded. A group with fewer
     than `min_group_size` kept members (including an empty group) gets the mean over
     all kept uploads instead. If nothing is kept, targets are zeros.
+
+    The group sums are one product [G, N] x [N, I d] of the kept members' 0/1 weights
+    with the uploads (a single read of them).
 
     Returns (targets [G, I, d], info) with info keys: n_excluded_nonfinite,
     n_excluded_outlier, kept_per_group (list), fallback (group ids using the global
@@ -185,20 +337,25 @@ def group_targets(tables: Tensor, labels: Union[np.ndarray, Tensor], n_groups: i
         raise ValueError(f"group_targets: {lab.numel()} labels for {n} tables")
     if n and (lab.min() < 0 or lab.max() >= n_groups):
         raise ValueError(f"group_targets: labels must lie in [0, {n_groups})")
-    nonfinite, outlier = _upload_filter(tables.reshape(n, -1), outlier_factor)
+    flat = tables.reshape(n, -1)
+    nonfinite, outlier = _upload_filter(flat, outlier_factor)
     keep = ~(nonfinite | outlier)
-    targets = tables.new_zeros((n_groups,) + tuple(tables.shape[1:]))
-    global_mean = tables[keep].mean(dim=0) if keep.any() else None
-    kept, fallback = [], []
-    for k in range(n_groups):
-        members = keep & (lab == k)
-        kept.append(int(members.sum()))
-        if kept[-1] >= min_group_size:
-            targets[k] = tables[members].mean(dim=0)
-        else:
-            fallback.append(k)
-            if global_mean is not None:
-                targets[k] = global_mean
+    if not bool(keep.all()):            # excluded rows may hold NaN: 0 * NaN is NaN
+        flat, lab_kept = flat[keep], lab[keep]
+    else:
+        lab_kept = lab
+    onehot = torch.zeros(n_groups, flat.shape[0], dtype=flat.dtype, device=flat.device)
+    onehot[lab_kept, torch.arange(flat.shape[0], device=flat.device)] = 1.0
+    sums = onehot @ flat                                          # [G, I d]
+    counts = torch.bincount(lab_kept, minlength=n_groups)
+    kept = counts.tolist()
+    targets = tables.new_zeros((n_groups, flat.shape[1]))
+    big = counts >= min_group_size
+    targets[big] = sums[big] / counts[big].unsqueeze(1).to(sums.dtype)
+    fallback = [k for k in range(n_groups) if not bool(big[k])]
+    if fallback and flat.shape[0]:
+        targets[~big] = sums.sum(0) / flat.shape[0]
+    targets = targets.reshape((n_groups,) + tuple(tables.shape[1:]))
     present = torch.bincount(lab, minlength=n_groups) > 0
     info = dict(n_excluded_nonfinite=int(nonfinite.sum()), n_excluded_outlier=int(outlier.sum()),
                 kept_per_group=kept, fallback=fallback,
