@@ -81,14 +81,13 @@ def _pca(x: np.ndarray, share: float, seed: int) -> np.ndarray:
     if total <= 0:
         return x[:, :1] * 0
     if min(n, f) <= EXACT_PCA_MAX:
-        gram = t @ t.t() if n <= f else t.t() @ t
-        evals, evecs = torch.linalg.eigh(gram.double())
-        evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
+        evals, evecs = torch.linalg.eigh(t @ t.t() if n <= f else t.t() @ t)  # ascending
+        evals, evecs = evals.flip(0).double().clamp_min(0), evecs.flip(1)
         m = int(torch.searchsorted(torch.cumsum(evals, 0) / total, share)) + 1
         m = min(m, len(evals))
         if n <= f:                      # x = U S V^T: scores U S = U sqrt(eigenvalues)
-            return (evecs[:, :m] * evals[:m].sqrt()).float().numpy()
-        return (t @ evecs[:, :m].float()).numpy()
+            return (evecs[:, :m] * evals[:m].sqrt().float()).numpy()
+        return (t @ evecs[:, :m]).numpy()
     gen = torch.Generator().manual_seed(int(seed))
     k = 32
     while True:
@@ -119,33 +118,34 @@ def pca_components(features: np.ndarray, pca: Optional[float]) -> int:
     return int(_preprocess(x, pca, 0).shape[1]) if len(x) else 0
 
 
-def _median_distance(t: Tensor, sq: Tensor, seed: int) -> float:
-    """Median pairwise Euclidean distance: exact up to MEDIAN_PAIRS pairs, else over
-    MEDIAN_PAIRS pairs drawn with `seed`; positive distances only if the median is 0."""
+def _sampled_median_distance(t: Tensor, seed: int) -> float:
+    """Median Euclidean distance over MEDIAN_PAIRS pairs i != j drawn with `seed`."""
     n = t.shape[0]
-    if n * (n - 1) // 2 <= MEDIAN_PAIRS:
-        i, j = torch.triu_indices(n, n, 1)
-    else:
-        rng = np.random.default_rng(seed)
-        i = torch.from_numpy(rng.integers(0, n, MEDIAN_PAIRS))
-        j = torch.from_numpy(rng.integers(0, n - 1, MEDIAN_PAIRS))
-        j = j + (j >= i).long()                                 # j != i
-    parts = []
-    for s in range(0, len(i), 1 << 18):
-        a, b = i[s:s + (1 << 18)], j[s:s + (1 << 18)]
-        parts.append(((t[a] - t[b]) ** 2).sum(1).sqrt())
-    dist = torch.cat(parts) if parts else torch.zeros(0)
-    med = float(dist.median()) if dist.numel() else 0.0
+    rng = np.random.default_rng(seed)
+    i = torch.from_numpy(rng.integers(0, n, MEDIAN_PAIRS))
+    j = torch.from_numpy(rng.integers(0, n - 1, MEDIAN_PAIRS))
+    j = j + (j >= i).long()                                     # j != i
+    step = max(1, _BLOCK_BYTES // (8 * t.shape[1]))
+    return _median([((t[i[s:s + step]] - t[j[s:s + step]]) ** 2).sum(1)
+                    for s in range(0, MEDIAN_PAIRS, step)])
+
+
+def _median(d2_parts: list) -> float:
+    """Median distance from parts of squared distances; over the positive ones when it
+    is 0 (many duplicate rows); 1 when there is none."""
+    d2 = torch.cat(d2_parts) if d2_parts else torch.zeros(0)
+    med = float(d2.median()) if d2.numel() else 0.0
     if med <= 0.0:
-        pos = dist[dist > 0]
+        pos = d2[d2 > 0]
         med = float(pos.median()) if pos.numel() else 1.0
-    return med
+    return med ** 0.5
 
 
 def knn_affinity(x: np.ndarray, k: int = KNN_NEIGHBOURS, seed: int = 0):
     """Sparse RBF affinity on the k-nearest-neighbour graph: A_ij = exp(-gamma d_ij^2)
     when j is among i's k nearest neighbours or i among j's (symmetrised), else 0;
-    gamma = 1 / (2 m^2) with m the median pairwise distance (`_median_distance`).
+    gamma = 1 / (2 m^2) with m the median pairwise distance: exact up to MEDIAN_PAIRS
+    pairs, else over MEDIAN_PAIRS pairs drawn with `seed`.
 
     The neighbour search is exact and blocked (rows at a time, about 64 MB each), so
     memory stays O(N k + block). Returns a scipy.sparse CSR matrix [N, N], zero diagonal.
@@ -155,16 +155,21 @@ def knn_affinity(x: np.ndarray, k: int = KNN_NEIGHBOURS, seed: int = 0):
     t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
     n = t.shape[0]
     k = max(1, min(k, n - 1))
+    exact_median = n * (n - 1) // 2 <= MEDIAN_PAIRS
     sq = (t * t).sum(1)
-    gamma = 1.0 / (2.0 * _median_distance(t, sq, seed) ** 2)
     rows = max(1, _BLOCK_BYTES // (4 * n))
-    nbr_d, nbr_i = [], []
+    nbr_d, nbr_i, upper = [], [], []
     for s in range(0, n, rows):
         d2 = (sq[s:s + rows, None] + sq[None, :] - 2 * (t[s:s + rows] @ t.t())).clamp_min(0)
-        d2[torch.arange(d2.shape[0]), torch.arange(s, s + d2.shape[0])] = float("inf")
+        r = torch.arange(d2.shape[0])
+        if exact_median:                 # the pairs (i, j > i) of these rows
+            upper.append(d2[torch.arange(n) > (r + s).unsqueeze(1)])
+        d2[r, r + s] = float("inf")
         d, i = torch.topk(d2, k, dim=1, largest=False, sorted=True)
         nbr_d.append(d)
         nbr_i.append(i)
+    med = _median(upper) if exact_median else _sampled_median_distance(t, seed)
+    gamma = 1.0 / (2.0 * med * med)
     d2, idx = torch.cat(nbr_d), torch.cat(nbr_i)
     w = torch.exp(-gamma * d2).double().numpy().reshape(-1)
     a = sparse.csr_matrix((w, (np.repeat(np.arange(n), k), idx.numpy().reshape(-1))),
