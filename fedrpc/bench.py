@@ -355,7 +355,7 @@ def bench_round(cfg: Config, rounds: int = 2, profile: bool = True, top: int = 8
             floor = max(flop / (gemm * 1e9), byts / (bw * 1e9))
             s = last["seconds"][ph]
             phases[ph] = {"seconds": round(s, 3), "gflop": round(flop / 1e9, 2),
-                          "mbytes": round(byts / 1e6, 1), "floor_s": round(floor, 4),
+                          "mbytes": round(byts / 1e6, 1), "floor_s": float(f"{floor:.3g}"),
                           "ratio": round(s / floor, 1) if floor > 0 else None}
         out = {"round": rounds - 1, "clients": int(last.get("clients", 0)),
                "threads": torch.get_num_threads(), "gemm_gflops": round(gemm, 1),

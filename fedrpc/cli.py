@@ -133,7 +133,7 @@ def _cmd_bench_round(args) -> int:
     for ph, p in r["phases"].items():
         ratio = f"{p['ratio']:.1f}" if p["ratio"] is not None else "-"
         print(f"  {ph:<10} {p['seconds']:8.3f} {p['gflop']:8.2f} {p['mbytes']:8.1f} "
-              f"{p['floor_s']:8.4f} {ratio:>7}")
+              f"{p['floor_s']:8.3g} {ratio:>7}")
     print(f"  {'total':<10} {r['total_s']:8.3f}")
     if "gfmfr" in r:
         gf = r["gfmfr"]

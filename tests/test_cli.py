@@ -49,7 +49,7 @@ def test_bench_round_reports_every_phase_its_floor_and_top_operators(tmp_path):
     assert out["round"] == 1 and out["clients"] == 40
     assert set(out["phases"]) == {"train", "aggregate", "group", "fusion", "eval"}
     for ph in out["phases"].values():
-        assert ph["seconds"] >= 0 and ph["floor_s"] > 0 and ph["ratio"] > 0
+        assert ph["seconds"] >= 0 and ph["floor_s"] > 0 and ph["ratio"] >= 0
     assert out["gfmfr"]["pca_components"] >= 1 and sum(out["gfmfr"]["group_sizes"]) == 40
     assert {"train", "group", "fusion", "eval"} <= set(out["top_ops"])
     assert all(1 <= len(ops) <= 4 for ops in out["top_ops"].values())
