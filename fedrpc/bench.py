@@ -1,4 +1,7 @@
-"""`fedrpc bench train`: seconds of one round of local training on the same clients, in
+"""`fedrpc bench train` and `fedrpc bench round` (its notes are further down, above
+`_gemm_gflops`).
+
+`fedrpc bench train`: seconds of one round of local training on the same clients, in
 the same process, three ways:
 - batched: the worker's path, all clients together (fedrpc.training);
 - one at a time: the same code with one client per call (fed.batched=false);
