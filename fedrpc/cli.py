@@ -1,5 +1,5 @@
-"""Command line: `fedrpc run | encode | data stats | baseline | bench train | bench scale |
-diagnose teacher | config reference | report`
+"""Command line: `fedrpc run | encode | data stats | baseline | bench train | bench round |
+bench scale | diagnose teacher | config reference | report`
 (also `python -m fedrpc`)."""
 from __future__ import annotations
 
@@ -141,6 +141,31 @@ def _cmd_bench_scale(args) -> int:
     print(format_report(r))
     write_json(Path(r["out"]) / "scale.json", r)
     print(f"written: {Path(r['out']) / 'scale.json'}")
+def _cmd_bench_round(args) -> int:
+    from .bench import bench_round
+    cfg = load_config(args.config, [*args.overrides, "run.progress=false"])
+    r = bench_round(cfg, max(1, args.rounds), not args.no_profile, args.top)
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return 0
+    print(f"round {r['round']}, {r['clients']} clients, {r['threads']} threads; "
+          f"torch.mm {r['gemm_gflops']} GFLOPS, memory read {r['read_gbps']} GB/s")
+    print(f"  {'phase':<10} {'seconds':>8} {'GFLOP':>8} {'MB':>8} {'floor s':>8} {'ratio':>7}")
+    for ph, p in r["phases"].items():
+        ratio = f"{p['ratio']:.1f}" if p["ratio"] is not None else "-"
+        print(f"  {ph:<10} {p['seconds']:8.3f} {p['gflop']:8.2f} {p['mbytes']:8.1f} "
+              f"{p['floor_s']:8.3g} {ratio:>7}")
+    print(f"  {'total':<10} {r['total_s']:8.3f}")
+    if "gfmfr" in r:
+        gf = r["gfmfr"]
+        print(f"groups {gf.get('group_sizes')}, fusion loss {gf.get('fusion_loss')}, "
+              f"{gf.get('fusion_epochs')} fusion epochs, {gf.get('pca_components')} PCA dims")
+    if "test" in r:
+        print("test " + ", ".join(f"{k} {v:.4f}" for k, v in r["test"].items()))
+    for ph, ops in r.get("top_ops", {}).items():
+        print(f"top operators by self CPU time, {ph} (a profiled extra round):")
+        for o in ops:
+            print(f"    {o['self_ms']:9.1f} ms {o['calls']:7d}x  {o['op']}")
     return 0
 
 
@@ -242,6 +267,16 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--timeout", type=float, default=1800.0,
                     help="hard limit in seconds per worker count; its processes are killed")
     bs.set_defaults(func=_cmd_bench_scale)
+    br = bn.add_parser("round", help="whole rounds in this process: seconds per phase, its "
+                                     "arithmetic floor and the ratio; top operators per phase")
+    _add_config_args(br)
+    br.add_argument("--rounds", type=int, default=2,
+                    help="rounds to run; the last is reported (round 0 has no teacher)")
+    br.add_argument("--top", type=int, default=8, help="operators per phase in the profile")
+    br.add_argument("--no-profile", action="store_true",
+                    help="skip the extra profiled round")
+    br.add_argument("--json", action="store_true", help="print JSON")
+    br.set_defaults(func=_cmd_bench_round)
     return ap
 
 

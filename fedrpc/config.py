@@ -291,7 +291,8 @@ class GFMFRConfig:
     fusion_lr: float = 1e-3
     """Adam learning rate of the fusion model (its optimiser persists across rounds)."""
     fusion_batch_size: int = 4096
-    """(group, item) pairs per fusion minibatch."""
+    """(group, item) pairs per fusion minibatch, about: each minibatch is every trained
+    group x a block of items; an epoch takes ceil(pairs / this) steps."""
     ema_decay: float = 0.9
     """Decay of the per-client EMA of L_base / KL that scales the distillation term."""
     teacher: Literal["head", "output"] = "head"

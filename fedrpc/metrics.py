@@ -26,27 +26,44 @@ from .data.types import Split
 
 
 def _clean(scores: torch.Tensor) -> torch.Tensor:
-    return torch.nan_to_num(scores.double(), nan=-np.inf)
+    """A float32/float64 copy of `scores` with NaN -> -inf (ranking in float32 is exact
+    for float32 scores: widening does not change any comparison)."""
+    if scores.dtype not in (torch.float32, torch.float64):
+        scores = scores.float()
+    return torch.nan_to_num(scores, nan=-np.inf)
 
 
 def target_ranks(scores: torch.Tensor, targets: torch.Tensor,
                  mask: torch.Tensor | None = None) -> torch.Tensor:
     """Ranks [B, T] of `targets` [B, T] (item index, -1 = padding; inf rank) in `scores`
-    [B, I]; `mask` [B, I] True marks items that are not candidates."""
+    [B, I]; `mask` [B, I] True marks items that are not candidates.
+
+    The items that do not compete (masked ones and the targets themselves) get the score
+    -inf in a copy of `scores`, so a target's count of items ahead is one comparison of
+    the whole row; a target scored -inf (NaN) has every candidate ahead of it."""
     scores = _clean(scores)
     B, T = targets.shape
     valid = targets >= 0
     tidx = targets.clamp(min=0)
     ts = torch.gather(scores, 1, tidx)                      # [B, T]
     ts = torch.where(valid, ts, torch.full_like(ts, -np.inf))
-    # items that do not compete with a target: masked ones and the targets themselves
-    excluded = mask.clone() if mask is not None else torch.zeros_like(scores, dtype=torch.bool)
     rows = torch.arange(B).unsqueeze(1).expand(B, T)
-    excluded[rows[valid], targets[valid]] = True
+    excluded_t = (rows[valid], targets[valid])
+    if mask is not None:
+        scores.masked_fill_(mask, -np.inf)
+    scores[excluded_t] = -np.inf
     ranks = torch.empty(B, T, dtype=torch.float64)
     for j in range(T):
         s = ts[:, j:j + 1]
-        ahead = ((scores >= s) & ~excluded).sum(1)
+        ahead = (scores >= s).sum(1)
+        worst = torch.nonzero((s[:, 0] == -np.inf) & valid[:, j]).reshape(-1)
+        if worst.numel():                       # only the candidates count ahead
+            ex = mask[worst].clone() if mask is not None else \
+                torch.zeros(len(worst), scores.shape[1], dtype=torch.bool)
+            wt = targets[worst]
+            wr = torch.arange(len(worst)).unsqueeze(1).expand_as(wt)
+            ex[wr[wt >= 0], wt[wt >= 0]] = True
+            ahead[worst] = (~ex).sum(1)
         higher_t = ((ts > s) & valid).sum(1)
         tied_before = ((ts[:, :j] == s) & valid[:, :j]).sum(1)
         ranks[:, j] = (1 + ahead + higher_t + tied_before).double()
@@ -100,6 +117,27 @@ def _csr_rows(indptr: np.ndarray, items: np.ndarray, users: np.ndarray):
     return [items[indptr[u]:indptr[u + 1]] for u in users.tolist()]
 
 
+def _csr_pairs(indptr: np.ndarray, items: np.ndarray, users: np.ndarray
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row in `users`, item) for every item of every user's CSR row, without a loop."""
+    start, stop = indptr[users], indptr[users + 1]
+    lens = (stop - start).astype(np.int64)
+    rows = np.repeat(np.arange(len(users), dtype=np.int64), lens)
+    offset = np.arange(int(lens.sum()), dtype=np.int64) - np.repeat(np.cumsum(lens) - lens, lens)
+    cols = items[np.repeat(start, lens) + offset].astype(np.int64)
+    return torch.from_numpy(rows), torch.from_numpy(cols)
+
+
+def _padded_rows(indptr: np.ndarray, items: np.ndarray, users: np.ndarray) -> torch.Tensor:
+    """The users' CSR rows as [B, max length] item indices, padded with -1."""
+    lens = (indptr[users + 1] - indptr[users]).astype(np.int64)
+    rows, cols = _csr_pairs(indptr, items, users)
+    out = torch.full((len(users), max(int(lens.max(initial=0)), 1)), -1, dtype=torch.long)
+    pos = torch.arange(len(rows)) - torch.from_numpy(np.repeat(np.cumsum(lens) - lens, lens))
+    out[rows, pos] = cols
+    return out
+
+
 def _padded(rows: list[np.ndarray]) -> torch.Tensor:
     width = max((len(r) for r in rows), default=0)
     out = torch.full((len(rows), max(width, 1)), -1, dtype=torch.long)
@@ -122,7 +160,7 @@ def evaluate_users(score_fn: Callable[[np.ndarray], torch.Tensor], split: Split,
     sums = {w: {"users": 0} for w in splits}
     for start in range(0, len(users), batch_users):
         batch = users[start:start + batch_users]
-        scores = score_fn(batch).detach().to("cpu", torch.float64)
+        scores = score_fn(batch).detach().to("cpu")
         for w in splits:
             ranks = _split_ranks(scores, split, batch, w, mode, sampled_negatives, seed)
             if ranks is not None:
@@ -150,19 +188,21 @@ def _split_ranks(scores, split: Split, batch: np.ndarray, which: str, mode: str,
         return None
     batch, scores = batch[keep], scores[torch.from_numpy(keep)]
     other_ptr, other_items = split.held_out("test" if which == "valid" else "valid")
-    targets = _padded(_csr_rows(ho_ptr, ho_items, batch))
-    excluded = [np.concatenate([a, b]) for a, b in zip(
-        _csr_rows(split.train_indptr, split.train_items, batch),
-        _csr_rows(other_ptr, other_items, batch))]
     if mode == "sampled":
+        targets = _padded(_csr_rows(ho_ptr, ho_items, batch))
+        excluded = [np.concatenate([a, b]) for a, b in zip(
+            _csr_rows(split.train_indptr, split.train_items, batch),
+            _csr_rows(other_ptr, other_items, batch))]
         return _sampled_ranks(scores, targets, excluded, split.n_items, sampled_negatives,
                               seed, batch)
-    mask = torch.zeros(len(batch), split.n_items, dtype=torch.bool)
+    targets = _padded_rows(ho_ptr, ho_items, batch)
     if cold_only:
-        mask[:] = True
+        mask = torch.ones(len(batch), split.n_items, dtype=torch.bool)
         mask[:, torch.from_numpy(split.cold_items.astype(np.int64))] = False
-    for b, ex in enumerate(excluded):
-        mask[b, torch.from_numpy(ex.astype(np.int64))] = True
+    else:
+        mask = torch.zeros(len(batch), split.n_items, dtype=torch.bool)
+    for ptr, items in ((split.train_indptr, split.train_items), (other_ptr, other_items)):
+        mask[_csr_pairs(ptr, items, batch)] = True
     return target_ranks(scores, targets, mask)
 
 

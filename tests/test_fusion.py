@@ -137,3 +137,29 @@ def test_teacher_in_open_unit_interval():
     assert extreme.min() >= 1e-7 and extreme.max() <= 1 - 1e-7
     with pytest.raises(ValueError, match="NaN"):
         teacher_preferences(F, w, b * float("nan"))
+
+
+@pytest.mark.parametrize("fusion", sorted(FUSIONS))
+def test_grid_equals_the_pairwise_model(fusion):
+    """GroupFusion.grid (what training and fused_items use) is the same function as the
+    per-pair forward, missing modalities included."""
+    T, V, _ = _problem()
+    tmask = torch.rand(I, generator=torch.Generator().manual_seed(2)) > 0.3
+    vmask = torch.rand(I, generator=torch.Generator().manual_seed(3)) > 0.3
+    model = _model(fusion)
+    groups, items = torch.tensor([2, 0]), torch.tensor([4, 9, 0, 33, 17])
+    grid = model.grid(groups, items, T, V, tmask, vmask)
+    pairs = model(groups.repeat_interleave(len(items)), items.repeat(len(groups)), T, V,
+                  tmask, vmask).reshape(len(groups), len(items), D)
+    assert grid.shape == (2, 5, D)
+    assert torch.allclose(grid, pairs, atol=1e-5)
+
+
+def test_an_epoch_takes_as_many_steps_as_pair_minibatches():
+    """ceil(pairs / batch_size) Adam steps per epoch, every pair seen once per epoch."""
+    T, V, targets = _problem()
+    model = _model("mlp")
+    opt = make_fusion_optimizer(model, lr=1e-2)
+    train_fusion(model, opt, T, V, targets, torch.ones(G, dtype=torch.bool), epochs=2,
+                 time_budget_s=None, batch_size=40, seed=0)
+    assert opt.state[model.group_emb.weight]["step"] == 2 * -(-G * I // 40)

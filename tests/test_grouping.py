@@ -159,3 +159,41 @@ def test_a_group_holding_almost_every_client_is_reported():
     assert msg and "933 of 943 clients" in msg
     assert lopsided_groups([73, 219, 372, 102, 177]) is None
     assert lopsided_groups([0, 0, 0]) is None and lopsided_groups([5]) is None
+
+
+# ------------------------------------------------------------- scaling paths
+def test_spectral_refuses_more_clients_than_its_limit(monkeypatch):
+    from fedrpc.algorithms import grouping
+    monkeypatch.setattr(grouping, "SPECTRAL_MAX_CLIENTS", 50)
+    x, _ = _blobs()
+    with pytest.raises(ValueError, match="gfmfr.clustering=kmeans"):
+        group_clients(x, 4, method="spectral")
+    assert len(set(group_clients(x, 4, method="kmeans").tolist())) == 4
+
+
+def test_randomized_pca_keeps_the_variance_share_and_the_clusters(monkeypatch):
+    from fedrpc.algorithms import grouping
+    x, truth = _blobs(n_per=30, f=60)
+    exact = grouping._pca(grouping._standardise(x), 0.95, seed=0)
+    monkeypatch.setattr(grouping, "EXACT_PCA_MAX", 8)    # force the randomized path
+    xs = grouping._standardise(x)
+    approx = grouping._pca(xs, 0.95, seed=0)
+    total = float((xs.astype(np.float64) ** 2).sum())
+    assert (approx.astype(np.float64) ** 2).sum() >= 0.95 * total * (1 - 1e-4)
+    assert approx.shape[1] == exact.shape[1]
+    assert np.array_equal(approx, grouping._pca(xs, 0.95, seed=0))
+    for method in ("spectral", "kmeans"):
+        assert adjusted_rand_score(truth, group_clients(x, 4, method, seed=1)) == 1.0
+
+
+def test_knn_affinity_is_a_symmetric_sparse_graph():
+    from fedrpc.algorithms.grouping import knn_affinity
+    x, truth = _blobs(n_per=25, k=2)
+    a = knn_affinity(x, k=5)
+    assert a.shape == (50, 50) and (abs(a - a.T) > 0).nnz == 0
+    assert a.diagonal().sum() == 0
+    assert ((a > 0).sum(axis=1) >= 5).all() and a.nnz <= 2 * 5 * 50
+    assert a.max() <= 1.0 and a.min() >= 0.0
+    # neighbours stay inside a well-separated blob
+    rows, cols = a.nonzero()
+    assert (truth[rows] == truth[cols]).all()

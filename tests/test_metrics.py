@@ -107,3 +107,36 @@ def test_sampled_mode_is_seeded_and_never_samples_known_items():
     m = finalize(evaluate_users(fn, split, np.array([0]), "test", [1, 4], mode="sampled",
                                 sampled_negatives=3, seed=1))
     assert m["HR@4"] == 1.0 and m["MRR"] == pytest.approx(1 / 4)
+
+
+def _rank_by_definition(s, targets, mask):
+    """The docstring's formula, one target at a time, in Python."""
+    out = []
+    for j, t in enumerate(targets):
+        if t < 0:
+            out.append(math.inf)
+            continue
+        st = -math.inf if math.isnan(s[t]) else s[t]
+        val = lambda i: -math.inf if math.isnan(s[i]) else s[i]
+        others = [c for c in range(len(s)) if not mask[c] and c not in targets]
+        r = 1 + sum(val(c) >= st for c in others)
+        r += sum(val(u) > st or (val(u) == st and k < j)
+                 for k, u in enumerate(targets) if u >= 0 and k != j)
+        out.append(float(r))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_ranks_match_the_definition_with_ties_nan_and_masks(dtype):
+    g = torch.Generator().manual_seed(0)
+    B, I = 12, 30
+    scores = (torch.rand(B, I, generator=g) * 5).round().to(dtype)   # many ties
+    scores[torch.rand(B, I, generator=g) < 0.1] = float("nan")
+    mask = torch.rand(B, I, generator=g) < 0.3
+    targets = torch.stack([torch.randperm(I, generator=g)[:3] for _ in range(B)])
+    targets[::4, 2] = -1
+    mask[torch.arange(B).unsqueeze(1), targets.clamp(min=0)] = False
+    got = target_ranks(scores, targets, mask)
+    for b in range(B):
+        assert got[b].tolist() == _rank_by_definition(scores[b].tolist(), targets[b].tolist(),
+                                                      mask[b].tolist())

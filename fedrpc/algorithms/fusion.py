@@ -48,6 +48,18 @@ class MLPFusion(nn.Module):
     def forward(self, tokens: Tensor, mask: Tensor) -> Tensor:
         return self.net(tokens.flatten(1))
 
+    def grid(self, h_g: Tensor, h_t: Tensor, h_v: Tensor) -> Tensor:
+        """The same function on every (group, item) pair: [G', d] x [B, d] -> [G', B, d].
+
+        W_a [h_g; h_t; h_v] = W_a,g h_g + W_a,tv [h_t; h_v]: the first layer splits into
+        a per-group and a per-item product, added with broadcasting, so its cost grows
+        with G' + B, not G' x B."""
+        first, second = self.net[0], self.net[2]
+        d = h_g.shape[1]
+        a_g = h_g @ first.weight[:, :d].t()                                      # [G', 2d]
+        a_i = torch.addmm(first.bias, torch.cat([h_t, h_v], 1), first.weight[:, d:].t())
+        return second(torch.relu(a_g.unsqueeze(1) + a_i.unsqueeze(0)))
+
 
 class GateFusion(nn.Module):
     """F = sum_j a_j h_j,  a = softmax over present tokens of W [h_g; h_t; h_v] + b."""
@@ -167,6 +179,30 @@ class GroupFusion(nn.Module):
         tokens, mask = self.tokens(group_idx, item_idx, T, V, text_mask, image_mask)
         return self.fusion(tokens, mask)
 
+    def grid(self, group_idx: Tensor, item_idx: Tensor, T: Tensor, V: Tensor,
+             text_mask: Optional[Tensor] = None, image_mask: Optional[Tensor] = None
+             ) -> Tensor:
+        """F_k[i] for every pair of group_idx [G'] x item_idx [B]: [G', B, d], equal to
+        `forward` on those pairs. Each item's features are projected once, not once per
+        group; the MLP fusion's first layer splits the same way (MLPFusion.grid)."""
+        self._check(T, V)
+        n = item_idx.shape[0]
+        ones = torch.ones(n, dtype=torch.bool, device=item_idx.device)
+        m_t = ones if text_mask is None else text_mask[item_idx]
+        m_v = ones if image_mask is None else image_mask[item_idx]
+        t = torch.where(m_t.unsqueeze(-1), T[item_idx], 0.0)
+        v = torch.where(m_v.unsqueeze(-1), V[item_idx], 0.0)
+        h_t = self.proj_text(t) * m_t.unsqueeze(-1)
+        h_v = self.proj_image(v) * m_v.unsqueeze(-1)
+        h_g = self.proj_group(self.group_emb(group_idx))
+        if isinstance(self.fusion, MLPFusion):
+            return self.fusion.grid(h_g, h_t, h_v)
+        g = group_idx.shape[0]
+        tokens = torch.stack([h_g.unsqueeze(1).expand(g, n, -1), h_t.expand(g, n, -1),
+                              h_v.expand(g, n, -1)], dim=2).reshape(g * n, N_TOKENS, -1)
+        mask = torch.stack([ones, m_t, m_v], dim=1).expand(g, n, N_TOKENS)
+        return self.fusion(tokens, mask.reshape(g * n, N_TOKENS)).reshape(g, n, -1)
+
 
 Masks = Optional[tuple[Optional[Tensor], Optional[Tensor]]]
 
@@ -174,21 +210,22 @@ Masks = Optional[tuple[Optional[Tensor], Optional[Tensor]]]
 @torch.no_grad()
 def fused_items(model: GroupFusion, T: Tensor, V: Tensor, masks: Masks,
                 group_ids: Union[Tensor, Sequence[int]], batch_size: int = 8192) -> Tensor:
-    """F [len(group_ids), I, d]: F[j, i] = model(group_ids[j], i), in batches, no grad."""
+    """F [len(group_ids), I, d]: F[j, i] = model(group_ids[j], i), no grad, in blocks of
+    about `batch_size` pairs (all groups x a block of items)."""
     text_mask, image_mask = masks if masks is not None else (None, None)
     groups = torch.as_tensor(group_ids, dtype=torch.long, device=T.device).reshape(-1)
     n_items = T.shape[0]
-    g_all = groups.repeat_interleave(n_items)
-    i_all = torch.arange(n_items, device=T.device).repeat(groups.numel())
+    if groups.numel() == 0 or n_items == 0:
+        return T.new_zeros((groups.numel(), n_items, model.latent_dim))
+    step = max(1, batch_size // groups.numel())
     was_training = model.training
     model.eval()
     try:
-        out = [model(g_all[s:s + batch_size], i_all[s:s + batch_size], T, V,
-                     text_mask, image_mask) for s in range(0, g_all.numel(), batch_size)]
+        out = [model.grid(groups, torch.arange(s, min(s + step, n_items), device=T.device),
+                          T, V, text_mask, image_mask) for s in range(0, n_items, step)]
     finally:
         model.train(was_training)
-    cat = torch.cat(out) if out else T.new_zeros((0, model.latent_dim))
-    return cat.reshape(groups.numel(), n_items, model.latent_dim)
+    return torch.cat(out, dim=1)
 
 
 # ---------------------------------------------------------------------- training
@@ -197,20 +234,22 @@ def make_fusion_optimizer(model: nn.Module, lr: float = 1e-3) -> torch.optim.Opt
     return torch.optim.Adam(model.parameters(), lr=lr)
 
 
-def _epoch(model, optimizer, T, V, targets, g_all, i_all, order, batch_size, masks):
-    """One pass over the pairs in `order`; returns (mean loss, finite?)."""
+def _epoch(model, optimizer, T, V, targets, groups, order, n_steps, masks):
+    """One pass over all pairs of `groups` x items, in `n_steps` minibatches of all the
+    groups x a block of the items in `order`; returns (mean loss, finite?)."""
     total, count = 0.0, 0
-    for s in range(0, order.numel(), batch_size):
-        b = order[s:s + batch_size]
-        g, i = g_all[b], i_all[b]
-        loss = F_.mse_loss(model(g, i, T, V, *masks), targets[g, i])
+    for items in torch.tensor_split(order, n_steps):
+        if items.numel() == 0:
+            continue
+        loss = F_.mse_loss(model.grid(groups, items, T, V, *masks), targets[:, items])
         if not torch.isfinite(loss):
             return float("nan"), False
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total += float(loss.detach()) * b.numel()
-        count += b.numel()
+        pairs = groups.numel() * items.numel()
+        total += float(loss.detach()) * pairs
+        count += pairs
     return total / max(count, 1), True
 
 
@@ -220,7 +259,14 @@ def train_fusion(model: GroupFusion, optimizer: torch.optim.Optimizer, T: Tensor
                  text_mask: Optional[Tensor] = None, image_mask: Optional[Tensor] = None
                  ) -> dict:
     """Minimise mean_{(k,i)} ||F_k[i] - targets[k, i]||^2 / d over all items i and the
-    groups k with group_ok[k], shuffled each epoch by a torch.Generator seeded by `seed`.
+    groups k with group_ok[k]: Adam steps on minibatches, each holding every such group
+    and a block of items, the items shuffled each epoch by a torch.Generator seeded by
+    `seed`.
+
+    An epoch takes ceil(pairs / batch_size) steps, as many as minibatches of
+    `batch_size` random pairs would, with blocks of about batch_size / G' items (G' = the
+    groups with group_ok), so each block's item features are projected once for all its
+    groups (GroupFusion.grid) instead of once per pair.
 
     Stops after `epochs`, or (checked after each epoch, so at least one runs) once
     `time_budget_s` seconds have passed, or if a loss turns non-finite (that batch is
@@ -236,14 +282,15 @@ def train_fusion(model: GroupFusion, optimizer: torch.optim.Optimizer, T: Tensor
     dev = T.device
     groups = torch.nonzero(torch.as_tensor(group_ok, device=dev).reshape(-1)).reshape(-1)
     n_items = T.shape[0]
-    g_all = groups.repeat_interleave(n_items)
-    i_all = torch.arange(n_items, device=dev).repeat(groups.numel())
+    pairs = groups.numel() * n_items
+    n_steps = min(n_items, -(-pairs // max(1, batch_size)))
+    targets = targets[groups]               # [G', I, d]: indexed once, not every step
     gen = torch.Generator().manual_seed(int(seed))
     losses, nonfinite = [], False
     model.train()
-    for _ in range(epochs if g_all.numel() else 0):
-        order = torch.randperm(g_all.numel(), generator=gen).to(dev)
-        loss, ok = _epoch(model, optimizer, T, V, targets, g_all, i_all, order, batch_size,
+    for _ in range(epochs if pairs else 0):
+        order = torch.randperm(n_items, generator=gen).to(dev)
+        loss, ok = _epoch(model, optimizer, T, V, targets, groups, order, n_steps,
                           (text_mask, image_mask))
         if not ok:
             nonfinite = True
@@ -253,7 +300,7 @@ def train_fusion(model: GroupFusion, optimizer: torch.optim.Optimizer, T: Tensor
         if time_budget_s is not None and time.perf_counter() - start >= time_budget_s:
             break
     return dict(losses=losses, epochs_run=len(losses), seconds=time.perf_counter() - start,
-                pairs=int(g_all.numel()), nonfinite=nonfinite)
+                pairs=int(pairs), nonfinite=nonfinite)
 
 
 # ----------------------------------------------------------------------- teacher
