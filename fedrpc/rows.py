@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 
-CHUNK_ROWS = 1 << 20      # rows per chunk of the float64 reductions
+CHUNK_ROWS = 1 << 16      # rows per chunk of the float64 reductions (32 MB at d = 64)
 
 
 @dataclass(frozen=True)
