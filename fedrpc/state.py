@@ -177,15 +177,29 @@ class ClientStore:
 
     def put_rows(self, name: str, users: np.ndarray, counts: np.ndarray, items: np.ndarray,
                  values: Tensor) -> None:
-        """Store trained rows (replacing any stored value of the same user and item)."""
+        """Store trained rows (replacing any stored value of the same user and item):
+        one merge of two sorted key lists into a new store (the old one is kept intact
+        for a round's undo)."""
         keys = self._keys(users, counts, items)
+        order = np.argsort(keys, kind="stable")
+        if not np.all(order == np.arange(len(keys))):     # users given out of order
+            keys = keys[order]
+            values = values[torch.from_numpy(order).to(values.device)]
         old_keys, old_values = self.tables[name]
-        keep = ~membership(np.sort(keys), old_keys)[0]
-        all_keys = np.concatenate([old_keys[keep], keys])
-        order = np.argsort(all_keys, kind="stable")
-        vals = torch.cat([old_values[torch.from_numpy(np.nonzero(keep)[0]).to(self.device)],
-                          values.detach().to(self.device)])
-        self.tables[name] = (all_keys[order], vals[torch.from_numpy(order).to(self.device)])
+        kept = np.nonzero(~membership(keys, old_keys)[0])[0]
+        old_kept = old_keys[kept]
+        # where each goes in the merged, sorted store (the two key sets are disjoint)
+        at_new = np.searchsorted(old_kept, keys) + np.arange(len(keys))
+        at_old = np.searchsorted(keys, old_kept) + np.arange(len(old_kept))
+        merged = np.empty(len(keys) + len(old_kept), dtype=np.int64)
+        merged[at_new], merged[at_old] = keys, old_kept
+        out = torch.empty(len(merged), old_values.shape[1], dtype=old_values.dtype,
+                          device=self.device)
+        dev = lambda a: torch.from_numpy(a).to(self.device)
+        out.index_copy_(0, dev(at_new), values.detach().to(self.device, old_values.dtype))
+        if len(kept):
+            out.index_copy_(0, dev(at_old), old_values.index_select(0, dev(kept)))
+        self.tables[name] = (merged, out)
 
     def _drop(self, name: str, slots: np.ndarray) -> None:
         """Forget the stored rows of the clients at `slots` (back to initial values)."""

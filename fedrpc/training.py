@@ -131,6 +131,8 @@ class TrainOutput:
     loss: Tensor                        # [N] mean base loss over the client's steps
     kl: Tensor                          # [N] mean KL over the client's steps (0 if none)
     n_samples: np.ndarray
+    private: dict = None                # name -> [K, d] trained private-table rows
+                                        # (the batch's packed rows)
 
 
 def _sgd_rows(table: Tensor, flat: Tensor, grad: Tensor, old: Tensor, valid: Tensor,
@@ -152,8 +154,10 @@ def _sgd_rows(table: Tensor, flat: Tensor, grad: Tensor, old: Tensor, valid: Ten
 
 def train_clients(backbone: Backbone, global_shared: dict[str, Tensor], state: ClientStore,
                   batch: ClientBatch, s: LocalSettings, teacher: Optional[Tensor] = None,
-                  groups: Optional[Tensor] = None) -> TrainOutput:
-    """Local training of the clients in `batch`; updates their private state in place.
+                  groups: Optional[Tensor] = None, store_tables: bool = True) -> TrainOutput:
+    """Local training of the clients in `batch`; updates their private state in place
+    (with `store_tables=False`, the trained private-table rows come back in
+    `TrainOutput.private` for the caller to store, e.g. once for several batches).
 
     teacher [G, I]: the groups' preference g_k (None in round 0 / without fusion);
     groups [N]: each client's group id (-1 = none: no distillation for that client).
@@ -237,13 +241,15 @@ def train_clients(backbone: Backbone, global_shared: dict[str, Tensor], state: C
     state.ratio[slots] = ratio
     cpu = lambda t: t.to("cpu")        # uploads cross between ranks on the CPU
     counts_t = torch.from_numpy(batch.counts)
-    out = {}
+    out, private = {}, {}
     for p in backbone.params():
         if p.table and p.shared:
             out[p.name] = Rows(counts_t, torch.from_numpy(batch.items),
                                cpu(tables[p.name][:-1]), global_shared[p.name].cpu())
         elif p.table:
-            state.put_rows(p.name, batch.users, batch.counts, batch.items, tables[p.name][:-1])
+            private[p.name] = tables[p.name][:-1]
+            if store_tables:
+                state.put_rows(p.name, batch.users, batch.counts, batch.items, private[p.name])
     inv = torch.from_numpy(np.argsort(order, kind="stable")).to(dev)
     for name in global_shared:
         if name not in out:
@@ -254,4 +260,5 @@ def train_clients(backbone: Backbone, global_shared: dict[str, Tensor], state: C
         out[k] = cpu(state.private[k][slots][inv])
     steps_t = torch.from_numpy(np.maximum(steps_sorted, 1)).double().to(dev)
     return TrainOutput(shared=out, loss=cpu((sum_base / steps_t)[inv].float()),
-                       kl=cpu((sum_kl / steps_t)[inv].float()), n_samples=batch.n_samples)
+                       kl=cpu((sum_kl / steps_t)[inv].float()), n_samples=batch.n_samples,
+                       private=private)

@@ -97,14 +97,22 @@ class Worker:
         groups = None if req.teacher_row is None else torch.from_numpy(req.teacher_row)
         step = self.cfg.fed.batch_clients if self.cfg.fed.batched else 1
         chunks = [req.users[j:j + step] for j in range(0, len(req.users), step)]
-        outs = []
+        outs, kept = [], []
         for users in chunks:
             batch = build_client_batches(users, self.split.train_indptr, self.split.train_items,
                                          self.n_items, s)
             g = None
             if groups is not None:
                 g = groups[torch.from_numpy(np.searchsorted(req.users, users))]
-            outs.append(train_clients(self.backbone, shared, self.state, batch, s, teacher, g))
+            outs.append(train_clients(self.backbone, shared, self.state, batch, s, teacher, g,
+                                      store_tables=False))
+            kept.append((users, batch.counts, batch.items))
+        # private tables: one merge into the store for the round, not one per batch
+        if kept and outs[0].private:
+            users, counts, items = (np.concatenate(x) for x in zip(*kept))
+            for name in outs[0].private:
+                self.state.put_rows(name, users, counts, items,
+                                    torch.cat([o.private[name] for o in outs]))
         cat = lambda xs: (Rows.cat(xs) if isinstance(xs[0], Rows) else torch.cat(xs)
                           ) if len(xs) > 1 else xs[0]
         upload = [p.name for p in self.backbone.shared()]
