@@ -274,6 +274,12 @@ class ClientStore:
         todo = np.ones(len(self.users), dtype=bool)
         for f in files:
             sd = torch.load(f, mmap=True, weights_only=True)
+            if set(sd["private"]) != set(self.private) or set(sd.get("tables", {})) != set(self.tables):
+                raise ValueError(
+                    f"{f}: private parameters {sorted(sd['private'])} and tables "
+                    f"{sorted(sd.get('tables', {}))}, this backbone has {sorted(self.private)} "
+                    f"and {sorted(self.tables)} (a checkpoint from another backbone, or from a "
+                    f"fedrpc that stored private item tables densely): it cannot be resumed")
             theirs = sd["users"].numpy()
             if len(theirs) == 0:
                 continue

@@ -217,3 +217,17 @@ def test_packed_rows_train_like_whole_tables(name, small):
             else:
                 got = state.private[p.name][int(state.slots(np.array([u]))[0])]
             torch.testing.assert_close(got, params[p.name], rtol=1e-4, atol=1e-5)
+
+
+def test_a_client_file_of_another_layout_is_refused(small, tmp_path):
+    """A checkpoint whose private parameters do not match (another backbone, or private
+    tables stored densely) is refused by name instead of being half loaded."""
+    inter = small[0]
+    bb = make_backbone("fedrap", 8)
+    store = ClientStore.create(bb, np.arange(inter.n_users), inter.n_items, 0)
+    sd = store.state_dict()
+    sd["private"]["P"] = torch.zeros(inter.n_users, inter.n_items, 8)   # the dense layout
+    del sd["tables"]
+    torch.save(sd, tmp_path / "old.pt")
+    with pytest.raises(ValueError, match="cannot be resumed"):
+        store.load_rows([tmp_path / "old.pt"])
