@@ -55,13 +55,8 @@ class Rows:
         idx = torch.as_tensor(idx)
         if idx.dtype == torch.bool:
             idx = idx.nonzero().reshape(-1)
-        off = self.offsets()
         counts = self.counts[idx]
-        starts = off[idx]
-        # positions of the kept clients' rows: start of each client + 0..count-1
-        within = torch.arange(int(counts.sum())) - torch.repeat_interleave(
-            torch.cumsum(counts, 0) - counts, counts)
-        pos = torch.repeat_interleave(starts, counts) + within
+        pos = segment_positions(self.offsets()[idx], counts)
         return Rows(counts.clone(), self.index[pos], self.values[pos], self.base)
 
     @staticmethod
@@ -83,10 +78,7 @@ class Rows:
         values = torch.empty(k, d, dtype=parts[0].values.dtype)
         first = 0
         for p in parts:
-            c = counts[first:first + p.n]
-            within = torch.arange(int(c.sum())) - torch.repeat_interleave(
-                torch.cumsum(c, 0) - c, c)
-            dest = torch.repeat_interleave(dest_start[first:first + p.n], c) + within
+            dest = segment_positions(dest_start[first:first + p.n], counts[first:first + p.n])
             index[dest] = p.index
             values.index_copy_(0, dest, p.values)
             first += p.n
@@ -119,6 +111,12 @@ class Rows:
         """Row ranges of at most CHUNK_ROWS rows: float64 work stays bounded in memory."""
         k = len(self.index)
         return ((a, min(a + CHUNK_ROWS, k)) for a in range(0, k, CHUNK_ROWS))
+
+    def changed(self) -> "Rows":
+        """Only the stored rows whose value differs from the base's."""
+        keep = (self.values != self.base.index_select(0, self.index)).any(-1)
+        counts = torch.zeros(self.n, dtype=torch.int64).index_add_(0, self.owners(), keep.long())
+        return Rows(counts, self.index[keep], self.values[keep], self.base)
 
     def finite(self) -> Tensor:
         """[N] bool: client n's table has only finite values (the base is finite)."""
@@ -190,6 +188,13 @@ class Rows:
         changed = ~(tables == base.unsqueeze(0)).all(-1)
         who, items = changed.nonzero(as_tuple=True)
         return Rows(changed.sum(1).to(torch.int64), items, tables[who, items], base)
+
+
+def segment_positions(starts: Tensor, counts: Tensor) -> Tensor:
+    """The positions starts[j], ..., starts[j] + counts[j] - 1 of every segment j, in order."""
+    within = torch.arange(int(counts.sum())) - torch.repeat_interleave(
+        torch.cumsum(counts, 0) - counts, counts)
+    return torch.repeat_interleave(starts, counts) + within
 
 
 def membership(sorted_keys: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

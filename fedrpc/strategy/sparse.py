@@ -60,12 +60,9 @@ class DenseRows(SparseRows):
 def encode_rows(rows: Rows, precision, changed_only: bool, cls=SparseRows, **extra) -> SparseRows:
     """The wire form of `rows` at the transfer precision (only the rows whose value
     differs from the base's, with `changed_only`)."""
-    index, values, counts = rows.index, rows.values, rows.counts
-    if changed_only:
-        keep = (values != rows.base.index_select(0, index)).any(-1)
-        index, values = index[keep], values[keep]
-        counts = torch.zeros(rows.n, dtype=torch.int64).index_add_(0, rows.owners(), keep.long())
-    return cls(counts.to(torch.int32), index.to(torch.int32), precision.encode(values), **extra)
+    rows = rows.changed() if changed_only else rows
+    return cls(rows.counts.to(torch.int32), rows.index.to(torch.int32),
+               precision.encode(rows.values), **extra)
 
 
 def decode_rows(sp, precision, base: Tensor, n: int, name: str, cls=SparseRows) -> Rows:
@@ -126,15 +123,12 @@ class SparseInt8(UploadCodec):
     def encode(self, sent: dict[str, Tensor], trained: dict) -> dict:
         out = self.precision.encode_all({k: v for k, v in trained.items()
                                          if k != self.item_table})
-        rows = trained[self.item_table]
+        rows = trained[self.item_table].changed()
         change = rows.values - rows.base.index_select(0, rows.index)
-        keep = (change != 0).any(-1)
-        change = change[keep]
         scale = change.abs().amax(1) if len(change) else torch.zeros(0)
         q = torch.round(change * (127.0 / scale.clamp(min=1e-30)).unsqueeze(1))
-        counts = torch.zeros(rows.n, dtype=torch.int64).index_add_(0, rows.owners(), keep.long())
-        out[self.item_table] = QuantizedRows(counts.to(torch.int32),
-                                             rows.index[keep].to(torch.int32),
+        out[self.item_table] = QuantizedRows(rows.counts.to(torch.int32),
+                                             rows.index.to(torch.int32),
                                              q.to(torch.int8), scale.float())
         return out
 
