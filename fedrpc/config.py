@@ -167,7 +167,7 @@ class EvalConfig:
     """Evaluate every this many rounds (and always at the last round)."""
     patience: int = 0
     """Early stopping: stop after this many evaluations without a better validation
-    NDCG@K (K = the first of ks); 0 = never stop early."""
+    NDCG@K (K = the first of ks; cold:NDCG@K with data.split=cold_items); 0 = never stop early."""
     batch_users: int = 256
     """Users scored at once during evaluation (memory vs speed)."""
 
@@ -305,8 +305,16 @@ class GFMFRConfig:
     """Cap of the ratio L_base / KL (the distillation weight before the cosine schedule);
     0 = no distillation (grouping and fusion still run)."""
 
+    content_prior: float = 0.0
+    """fedrpc's extension (0 = the paper's GFMFR): after fusion, move the global shared item
+    table this share of the way towards the content prediction of its rows, the fused
+    embeddings F_k averaged over the groups weighted by their sizes. Items nobody trains
+    on (new items) then take their place from their content; 1 = the table becomes the
+    prediction."""
+
     def validate(self, key: str) -> None:
         check(self.groups >= 1, f"{key}.groups", "must be >= 1")
+        check(0.0 <= self.content_prior <= 1.0, f"{key}.content_prior", "must be in [0, 1]")
         check(0.0 <= self.pca < 1.0 or self.pca == 0.0, f"{key}.pca", "must be in [0, 1)")
         check(self.min_group_size >= 1, f"{key}.min_group_size", "must be >= 1")
         check(self.outlier_factor > 1.0, f"{key}.outlier_factor", "must be > 1")

@@ -31,7 +31,7 @@ from .data import Catalogue
 from .messages import (LOSS_UNIT, CheckpointRequest, EvalRequest, Hello, HelloReply,
                        RestoreRequest)
 from .memory import peak_rss_mb
-from .metrics import add_sums, finalize
+from .metrics import COLD, add_sums, finalize
 from .reporting import RunDir
 from .state import (SERVER_FILE, ServerState, check_compatible, checkpoint_dir, manifest_of,
                     prune, result_config, save_atomic, write_manifest)
@@ -297,19 +297,24 @@ def _one_catalogue(hello: dict[int, HelloReply]) -> Catalogue:
 # ---------------------------------------------------------------------- the run
 def best_rounds(history: list[dict], k: int) -> dict:
     """Test metrics at the best validation round (by NDCG@k), and the reference code's
-    convention: the mean of the tests at the best-val-HR@k and best-val-NDCG@k rounds."""
+    convention: the mean of the tests at the best-val-HR@k and best-val-NDCG@k rounds.
+    With data.split=cold_items the rounds are selected by the cold-item metrics
+    (cold:NDCG@k, cold:HR@k): every held-out item is cold, and ranked among all items
+    they are near zero for every model, so they cannot tell rounds apart."""
     evals = [h for h in history if "metrics" in h]
     if not evals:
         return {}
-    by_ndcg = max(evals, key=lambda h: (h["metrics"]["valid"][f"NDCG@{k}"], -h["round"]))
-    by_hr = max(evals, key=lambda h: (h["metrics"]["valid"][f"HR@{k}"], -h["round"]))
+    pre = _selection_prefix(evals[0]["metrics"]["valid"], k)
+    by_ndcg = max(evals, key=lambda h: (h["metrics"]["valid"][f"{pre}NDCG@{k}"], -h["round"]))
+    by_hr = max(evals, key=lambda h: (h["metrics"]["valid"][f"{pre}HR@{k}"], -h["round"]))
     ref = {m: (by_ndcg["metrics"]["test"][m] + by_hr["metrics"]["test"][m]) / 2
            for m in by_ndcg["metrics"]["test"] if m != "users"}
-    return {"best_round": by_ndcg["round"], "selected_by": f"valid NDCG@{k}",
+    return {"best_round": by_ndcg["round"], "selected_by": f"valid {pre}NDCG@{k}",
             "valid": by_ndcg["metrics"]["valid"], "test": by_ndcg["metrics"]["test"],
             "reference_convention": {
-                "description": f"mean of test at best-valid-HR@{k} round ({by_hr['round']}) "
-                               f"and best-valid-NDCG@{k} round ({by_ndcg['round']})",
+                "description": f"mean of test at best-valid-{pre}HR@{k} round "
+                               f"({by_hr['round']}) and best-valid-{pre}NDCG@{k} round "
+                               f"({by_ndcg['round']})",
                 "test": ref}}
 
 
@@ -385,8 +390,9 @@ def run_rounds(server: Server, run_dir: RunDir, progress: bool = True,
         if requested:
             raise Stopped(stop.requested, st.round, server.checkpoint_folder)
         if stopped_early:
-            log.info("early stop at round %d: no better valid NDCG@%d for %d evaluations",
-                     r, k, cfg.eval.patience)
+            log.info("early stop at round %d: %s for %d evaluations", r,
+                     best_rounds(st.history, k)["selected_by"].replace("valid", "no better valid"),
+                     cfg.eval.patience)
             break
     summary = {"config": to_dict(cfg), "rounds_run": len(st.history),
                "stopped_early": stopped_early, "seconds": time.perf_counter() - t_start,
@@ -397,13 +403,20 @@ def run_rounds(server: Server, run_dir: RunDir, progress: bool = True,
     return summary
 
 
+def _selection_prefix(valid: dict, k: int) -> str:
+    """'cold:' where the metrics rank among cold items too (data.split=cold_items), whose
+    validation metrics then select rounds (best_rounds); '' otherwise."""
+    return COLD if f"{COLD}NDCG@{k}" in valid else ""
+
+
 def _early_stop(history: list[dict], k: int, patience: int) -> bool:
-    """No better validation NDCG@k for `patience` evaluations (0 = never)."""
-    if not patience:
+    """No better validation NDCG@k (cold:NDCG@k on a cold-item split) for `patience`
+    evaluations (0 = never)."""
+    evals = [h["metrics"]["valid"] for h in history if "metrics" in h]
+    if not patience or not evals:
         return False
-    scores = [h["metrics"]["valid"][f"NDCG@{k}"] for h in history if "metrics" in h]
-    if not scores:
-        return False
+    pre = _selection_prefix(evals[0], k)
+    scores = [m[f"{pre}NDCG@{k}"] for m in evals]
     best = int(np.argmax(scores))             # the first best
     return len(scores) - 1 - best >= patience
 

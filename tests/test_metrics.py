@@ -140,3 +140,22 @@ def test_ranks_match_the_definition_with_ties_nan_and_masks(dtype):
     for b in range(B):
         assert got[b].tolist() == _rank_by_definition(scores[b].tolist(), targets[b].tolist(),
                                                       mask[b].tolist())
+
+
+def test_best_round_is_selected_by_the_cold_metrics_on_a_cold_item_split():
+    """With cold-item metrics present (data.split=cold_items), the reported test is that
+    of the round with the best validation cold:NDCG@k, not the all-item NDCG@k."""
+    from fedrpc.server import best_rounds
+
+    def ev(r, ndcg, cold):
+        m = {"NDCG@10": ndcg, "HR@10": ndcg, "cold:NDCG@10": cold, "cold:HR@10": cold}
+        return {"round": r, "metrics": {"valid": m, "test": {**m, "tag": r}}}
+
+    hist = [ev(0, 0.01, 0.10), ev(1, 0.00, 0.30), ev(2, 0.00, 0.20)]
+    out = best_rounds(hist, 10)
+    assert out["best_round"] == 1 and out["selected_by"] == "valid cold:NDCG@10"
+    plain = [{"round": h["round"], "metrics": {s: {k: v for k, v in m.items()
+                                                   if not k.startswith("cold:")}
+                                               for s, m in h["metrics"].items()}}
+             for h in hist]
+    assert best_rounds(plain, 10)["best_round"] == 0
