@@ -31,6 +31,7 @@ def test_defaults_and_dotted_overrides(tmp_path):
     ("gfmfr.max_ratio=-1", "gfmfr.max_ratio: must be >= 0"),
     ("gfmfr.max_ratio=1e-9x", "gfmfr.max_ratio: must be a number"),
     ("gfmfr.max_ratio=nan", "gfmfr.max_ratio: must be a number"),
+    ("gfmfr.content_prior=1.5", "gfmfr.content_prior: must be in [0, 1]"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError) as e:

@@ -187,3 +187,24 @@ def test_gfmfr_runs_on_id_only_and_string_id_folders(tmp_path):
     off = run(tmp_path / "c", f"data.path={feats}", *common, "encoder.text.backend=none",
               "encoder.image.backend=none")
     assert off["features"]["text"]["source"] == "disabled"
+
+
+def test_content_prior_ranks_cold_items_by_their_content(tmp_path):
+    """gfmfr.content_prior gives items no client trains on (data.split=cold_items) a row
+    from their content: on the quickstart data (preference planted in the content) it
+    ranks the cold items better than the backbone, than the paper's GFMFR, and than the
+    same run without content (measured at round 4, cold:NDCG@10: 0.171 against 0.140,
+    0.139 and 0.132)."""
+    quickstart = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+    base = ["data.split=cold_items", "fed.backbone=fedavgmf", "fed.rounds=5",
+            "eval.interval=5", "gfmfr.fusion_epochs=5", "run.progress=false",
+            "encoder.cache=false"]
+    runs = {"backbone": ["gfmfr.enabled=false"], "paper": [],
+            "prior": ["gfmfr.content_prior=0.5"],
+            "no content": ["gfmfr.content_prior=0.5", "encoder.text.backend=none",
+                           "encoder.image.backend=none"]}
+    cold = {name: run_local(load_config(quickstart, base + over + [
+        f"run.out_dir={tmp_path / str(i)}"]))["test"]["cold:NDCG@10"]
+        for i, (name, over) in enumerate(runs.items())}
+    for other in ("backbone", "paper", "no content"):
+        assert cold["prior"] >= cold[other] + 0.02, cold

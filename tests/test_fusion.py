@@ -163,3 +163,32 @@ def test_an_epoch_takes_as_many_steps_as_pair_minibatches():
     train_fusion(model, opt, T, V, targets, torch.ones(G, dtype=torch.bool), epochs=2,
                  time_budget_s=None, batch_size=40, seed=0)
     assert opt.state[model.group_emb.weight]["step"] == 2 * -(-G * I // 40)
+
+
+def test_content_prior_moves_the_table_towards_the_size_weighted_fused_rows():
+    """gfmfr.content_prior = beta: C <- C + beta (sum_k n_k F_k / sum_k n_k - C) over the
+    groups that trained; groups left out of fusion (group_ok False) do not count."""
+    import numpy as np
+
+    from fedrpc.config import load_config
+    from fedrpc.state import ServerState
+    from fedrpc.strategy import GFMFR
+
+    cfg = load_config(None, ["fed.backbone=fedavgmf", "fed.latent_dim=4",
+                             "gfmfr.groups=3", "gfmfr.content_prior=0.25"])
+    strategy = GFMFR(cfg)
+    name = strategy.backbone.item_table
+    gen = torch.Generator().manual_seed(0)
+    table = torch.randn(6, 4, generator=gen)
+    state = ServerState({**strategy.backbone.init_shared(6, 0), name: table.clone()},
+                        np.full(10, -1))
+    fused = torch.randn(3, 6, 4, generator=gen)
+    sizes = np.array([1, 3, 5])
+    ok = torch.tensor([True, True, False])
+    shift = strategy.content_prior(state, fused, sizes, ok)
+    prior = (1 * fused[0] + 3 * fused[1]) / 4
+    expected = table + 0.25 * (prior - table)
+    assert torch.allclose(state.shared[name], expected, atol=1e-6)
+    assert shift == pytest.approx(float((0.25 * (prior - table)).pow(2).mean().sqrt()), rel=1e-5)
+    off = GFMFR(load_config(None, ["fed.backbone=fedavgmf", "fed.latent_dim=4", "gfmfr.groups=3"]))
+    assert off.content_prior(state, fused, sizes, ok) is None      # 0 = the paper's method

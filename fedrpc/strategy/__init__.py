@@ -340,8 +340,9 @@ class GFMFR:
         fused = alg.fused_items(fz, text, image, masks,
                                 torch.arange(g.groups, device=dev)).to("cpu")
         state.teacher = self.teacher(state, fused, up, labels)
-        t["fusion"] = time.perf_counter() - tic
         sizes = np.bincount(labels, minlength=g.groups)
+        shift = self.content_prior(state, fused, sizes, info["group_ok"])
+        t["fusion"] = time.perf_counter() - tic
         warning = alg.lopsided_groups(sizes)
         if warning and not state.warned_lopsided:
             state.warned_lopsided = True     # once per run; every round's sizes are logged
@@ -351,7 +352,24 @@ class GFMFR:
                 "fallback_groups": list(map(int, info["fallback"])),
                 "excluded_uploads": int(info["n_excluded_nonfinite"] + info["n_excluded_outlier"]),
                 "fusion_loss": float(res["losses"][-1]) if res["losses"] else None,
-                "fusion_epochs": int(res["epochs_run"])}
+                "fusion_epochs": int(res["epochs_run"]),
+                **({"content_shift": shift} if shift is not None else {})}
+
+    def content_prior(self, state, fused: Tensor, sizes: np.ndarray,
+                      group_ok: Tensor) -> Optional[float]:
+        """gfmfr.content_prior (fedrpc's extension): C <- C + beta (C_hat - C), with C_hat
+        the fused embeddings of the trained groups averaged by group size. Returns the
+        RMS change of a table entry (None when off)."""
+        beta = self.cfg.gfmfr.content_prior
+        w = torch.as_tensor(sizes, dtype=torch.float64) * group_ok.cpu().double()
+        if not beta or not float(w.sum()):
+            return None
+        name = self.backbone.item_table
+        table = state.shared[name]
+        prior = torch.einsum("g,gid->id", (w / w.sum()).to(fused.dtype), fused)
+        change = beta * (prior.to(table.dtype) - table)
+        state.shared = {**state.shared, name: table + change}
+        return float(change.pow(2).mean().sqrt())
 
     def teacher(self, state, fused: Tensor, up: TrainReply, labels: np.ndarray) -> Tensor:
         """g_k over all items from the fused embeddings and the group's averaged head."""
