@@ -119,8 +119,12 @@ class Rows:
         return Rows(counts, self.index[keep], self.values[keep], self.base)
 
     def finite(self) -> Tensor:
-        """[N] bool: client n's table has only finite values (the base is finite)."""
-        bad = ~torch.isfinite(self.values).all(1)
+        """[N] bool: client n's table has only finite values (the base is finite).
+        Checked a chunk of rows at a time: torch.isfinite of the whole [K, d] values
+        would hold a float copy of them and two [K, d] masks at once."""
+        bad = torch.empty(len(self.index), dtype=torch.bool)
+        for a, b in self._spans():
+            bad[a:b] = ~torch.isfinite(self.values[a:b]).all(1)
         return torch.zeros(self.n, dtype=torch.int64).index_add_(
             0, self.owners(), bad.long()) == 0
 
