@@ -199,23 +199,33 @@ class Shutdown:
 
 def _cat(parts: list, order: Tensor):
     """Stack per-client uploads along clients in `order` (tensors, or item tables as
-    `Rows`)."""
+    `Rows`, each part released once copied)."""
     from .rows import Rows
-    return Rows.cat(parts, order) if isinstance(parts[0], Rows) else torch.cat(parts)[order]
+    if isinstance(parts[0], Rows):
+        return Rows.cat(parts, order, release=True)
+    return torch.cat(parts)[order]
 
 
 def stack_sorted(replies: list[TrainReply]) -> TrainReply:
     """The (decoded) replies of all workers as one, clients sorted by user id (fixed
-    reduction order)."""
+    reduction order).
+
+    `replies` is emptied: each worker's uploads are released as soon as they are copied
+    into the stacked ones, so with no other reference to the replies the server's peak
+    is the uploads plus one worker's part, not two copies of every upload (Rows.cat).
+    One worker's replies, already sorted, are taken as they are (no copy)."""
     users = np.concatenate([r.users for r in replies])
     order = np.argsort(users, kind="stable")
     ord_t = torch.from_numpy(order)
-    shared = {k: _cat([r.shared[k] for r in replies], ord_t) for k in replies[0].shared}
     n_samples = (None if replies[0].n_samples is None
                  else np.concatenate([r.n_samples for r in replies])[order])
-    return TrainReply(replies[0].round, users[order], shared, n_samples,
-                      sum(r.loss_sum for r in replies), sum(r.kl_sum for r in replies),
-                      max(r.seconds for r in replies))
+    head = (replies[0].round, users[order])
+    tail = (n_samples, sum(r.loss_sum for r in replies), sum(r.kl_sum for r in replies),
+            max(r.seconds for r in replies))
+    parts = {k: [r.shared[k] for r in replies] for k in replies[0].shared}
+    replies.clear()                      # from here `parts` alone holds the uploads
+    shared = {k: _cat(parts.pop(k), ord_t) for k in list(parts)}
+    return TrainReply(*head, shared, *tail)
 
 
 # ---------------------------------------------------------------------- control (transports)

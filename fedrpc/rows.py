@@ -60,29 +60,44 @@ class Rows:
         return Rows(counts.clone(), self.index[pos], self.values[pos], self.base)
 
     @staticmethod
-    def cat(parts: list["Rows"], order: Optional[Tensor] = None) -> "Rows":
+    def cat(parts: list["Rows"], order: Optional[Tensor] = None,
+            release: bool = False) -> "Rows":
         """Clients of several `Rows` over the same base, one after the other, or with
-        `order` (positions into that sequence) in that order; one copy of the rows."""
-        if len(parts) == 1 and order is None:
-            return parts[0]
+        `order` (positions into that sequence) in that order; one copy of the rows (none
+        when a single part is already in that order).
+
+        `release`: empty `parts` as they are copied. With no other reference to them,
+        each part's rows are then freed as soon as they are in the result, whose pages
+        fill only as rows are copied into it: the peak is all the rows plus one part,
+        not the parts and the result in full."""
+        base = parts[0].base
+        if len(parts) == 1 and (order is None or _is_identity(order)):
+            out = parts[0]
+            if release:
+                parts.clear()
+            return out
         counts = torch.cat([p.counts for p in parts])
-        if order is None:
-            return Rows(counts, torch.cat([p.index for p in parts]),
-                        torch.cat([p.values for p in parts]), parts[0].base)
-        new_counts = counts[order]
+        new_counts = counts if order is None else counts[order]
         # each client's rows go to the start of its place in the new order
-        dest_start = torch.empty_like(counts)
-        dest_start[order] = torch.cumsum(new_counts, 0) - new_counts
+        dest_start = torch.cumsum(new_counts, 0) - new_counts
+        if order is not None:
+            dest_start = torch.empty_like(counts).index_copy_(0, order, dest_start)
         k, d = int(counts.sum()), parts[0].values.shape[1]
         index = torch.empty(k, dtype=torch.int64)
-        values = torch.empty(k, d, dtype=parts[0].values.dtype)
+        values = torch.empty(k, d, dtype=parts[0].values.dtype)   # pages filled as copied
         first = 0
-        for p in parts:
+        for j in range(len(parts)):
+            p = parts[j]
+            if release:
+                parts[j] = None
             dest = segment_positions(dest_start[first:first + p.n], counts[first:first + p.n])
             index[dest] = p.index
             values.index_copy_(0, dest, p.values)
             first += p.n
-        return Rows(new_counts, index, values, parts[0].base)
+            del p                            # with `release`, its rows are freed here
+        if release:
+            parts.clear()
+        return Rows(new_counts, index, values, base)
 
     def check(self, n: int) -> None:
         """ValueError unless this holds n clients' rows consistently (right sizes, item ids
@@ -192,6 +207,10 @@ class Rows:
         changed = ~(tables == base.unsqueeze(0)).all(-1)
         who, items = changed.nonzero(as_tuple=True)
         return Rows(changed.sum(1).to(torch.int64), items, tables[who, items], base)
+
+
+def _is_identity(order: Tensor) -> bool:
+    return bool(torch.equal(order, torch.arange(len(order), dtype=order.dtype)))
 
 
 def segment_positions(starts: Tensor, counts: Tensor) -> Tensor:

@@ -1,8 +1,16 @@
-"""mean_aggregate: exact means on hand-made tensors, determinism, loud errors."""
+"""mean_aggregate: exact means on hand-made tensors, determinism, loud errors; the
+server's stacking of the workers' uploads (in user order, each received part freed once
+copied)."""
+import weakref
+
+import numpy as np
 import pytest
 import torch
 
+from fedrpc import rows as rows_module
 from fedrpc.algorithms import mean_aggregate
+from fedrpc.messages import TrainReply, stack_sorted
+from fedrpc.rows import Rows
 
 
 def _uploads():
@@ -54,3 +62,48 @@ def test_deterministic_bit_identical():
 def test_errors(uploads, weights, match):
     with pytest.raises(ValueError, match=match):
         mean_aggregate(uploads, weights)
+
+
+def _tables(n_clients=5, n_items=6, d=3):
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(n_items, d, generator=g)
+    tables = base.repeat(n_clients, 1, 1)
+    tables[:, ::2] += torch.randn(n_clients, (n_items + 1) // 2, d, generator=g)
+    return base, tables
+
+
+def _reply(users, base, tables):
+    return TrainReply(0, np.asarray(users), {"C": Rows.from_dense(tables[users], base),
+                                             "b": torch.tensor(users, dtype=torch.float32)},
+                      None)
+
+
+def test_stacking_uploads_sorts_clients_and_frees_each_received_part():
+    base, tables = _tables()
+    replies = [_reply([0, 2, 4], base, tables), _reply([1, 3], base, tables)]  # u mod 2
+    received = [weakref.ref(r.shared["C"].values) for r in replies]
+    up = stack_sorted(replies)
+    assert replies == []                      # the caller's list is emptied
+    assert all(ref() is None for ref in received)   # received rows freed once copied
+    assert up.users.tolist() == [0, 1, 2, 3, 4]
+    assert torch.equal(up.shared["C"].dense(), tables)
+    assert torch.equal(up.shared["b"], torch.arange(5, dtype=torch.float32))
+
+
+def test_one_workers_sorted_uploads_are_stacked_without_a_copy():
+    base, tables = _tables()
+    reply = _reply([0, 1, 2, 3, 4], base, tables)
+    values = reply.shared["C"].values
+    up = stack_sorted([reply])
+    assert up.shared["C"].values is values
+    assert torch.equal(up.shared["C"].dense(), tables)
+
+
+def test_finite_rows_checked_chunk_by_chunk_give_the_same_answer(monkeypatch):
+    base, tables = _tables()
+    tables[1, 4, 0], tables[3, 0, 2] = float("nan"), float("inf")
+    rows = Rows.from_dense(tables, base)
+    whole = rows.finite()
+    monkeypatch.setattr(rows_module, "CHUNK_ROWS", 2)
+    assert torch.equal(rows.finite(), whole)
+    assert whole.tolist() == [True, False, True, False, True]

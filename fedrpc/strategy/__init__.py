@@ -136,11 +136,15 @@ class GFMFR:
         """Uploads that may be averaged: right shapes and dtypes, finite, and (with
         fed.max_update_norm) an update norm within that many times the round's median.
         Uploads are decoded first (fed.protocol); one the codec cannot decode is
-        malformed. Every rejected client is counted and named in the log."""
+        malformed. Every rejected client is counted and named in the log.
+
+        `replies` is emptied as they are decoded and stacked (stack_sorted), so that the
+        uploads as received are freed as soon as they are no longer needed."""
         rejected: dict[str, list[int]] = {}
         ok, expected = [], self.upload_shapes(state)
         sent = self.sent(state)
-        for rep in replies:
+        while replies:
+            rep = replies.pop(0)
             n = len(rep.users)
             try:
                 rep = self.decode(rep, sent)
@@ -154,6 +158,7 @@ class GFMFR:
                 rejected.setdefault("shape_or_dtype", []).extend(rep.users.tolist())
             elif n:
                 ok.append(rep)
+        rep = None                            # `ok` alone holds the decoded uploads
         if not ok:
             return Admitted(None, _logged(rejected, r))
         up = stack_sorted(ok)
