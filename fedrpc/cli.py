@@ -294,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "scored by a seeded uniform draw per user (chance)")
     bl.add_argument("--epochs", type=int, default=30,
                     help="mf: training epochs; the test is read at the best validation "
-                         "NDCG@K epoch (K = eval.ks[0])")
+                         "epoch (by --select)")
     bl.add_argument("--lr", default=None,
                     help="mf: Adam learning rate (default 0.005); with --tune a comma list "
                          "(default 0.002,0.005,0.02)")
@@ -303,8 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default 0,1e-5,1e-4)")
     bl.add_argument("--tune", action="store_true",
                     help="mf: grid search over --lr x --weight-decay, each point's epoch and "
-                         "the point chosen by validation NDCG@K alone; the test is read at "
-                         "the chosen point")
+                         "the point chosen by the validation metric (--select) alone; the "
+                         "test is read at the chosen point")
     bl.add_argument("--select", default=None, metavar="METRIC",
                     help="mf: the validation metric that picks the epoch and the grid point "
                          "(default NDCG@K, K = eval.ks[0]); e.g. cold:NDCG@10 with "
