@@ -42,20 +42,91 @@ def _cmd_data_stats(args) -> int:
     return 0
 
 
+def _float_list(text: str, option: str) -> list[float]:
+    """`0.002,0.005` -> [0.002, 0.005]; a one-line error for an empty list or a non-number."""
+    parts = [p.strip() for p in str(text).split(",")]
+    if not any(parts):
+        raise ConfigError(f"{option}: empty list; give values like {option} 0.002,0.005")
+    try:
+        return [float(p) for p in parts if p]
+    except ValueError:
+        raise ConfigError(f"{option}: not a comma list of numbers: {text!r}") from None
+
+
+def _mf_options(args) -> tuple[list[float], list[float]]:
+    """The learning rates and weight decays of `baseline --model mf`: single values (or
+    their defaults), or with --tune grids (default: the baselines' default grid)."""
+    from .baselines import DEFAULT_LRS, DEFAULT_WEIGHT_DECAYS, _check_mf_args
+    lrs = _float_list(args.lr, "--lr") if args.lr is not None else \
+        (list(DEFAULT_LRS) if args.tune else [0.005])
+    wds = _float_list(args.weight_decay, "--weight-decay") if args.weight_decay is not None \
+        else (list(DEFAULT_WEIGHT_DECAYS) if args.tune else [1e-6])
+    if not args.tune:
+        for name, vals in (("--lr", lrs), ("--weight-decay", wds)):
+            if len(vals) != 1:
+                raise ConfigError(f"{name}: several values need --tune (a grid search); "
+                                  f"without it give one value")
+    _check_mf_args(args.epochs, lrs, wds)
+    return lrs, wds
+
+
+def format_grid(tune: dict, k: int) -> str:
+    """The tuning grid as a text table: each point's best validation metric (NDCG@k
+    unless --select) and its epoch, the chosen point marked *."""
+    key = f"valid {tune.get('metric', f'NDCG@{k}')}"
+    lines = [f"  {'lr':>8} {'weight_decay':>12} {'best epoch':>10} {key:>20}"]
+    ch = tune["chosen"]
+    for row in tune["grid"]:
+        mark = " *" if (row["lr"], row["weight_decay"]) == (ch["lr"], ch["weight_decay"]) else ""
+        lines.append(f"  {row['lr']:>8g} {row['weight_decay']:>12g} {row['best_epoch']:>10} "
+                     f"{row[key]:>20.4f}{mark}")
+    return "\n".join(lines)
+
+
 def _cmd_baseline(args) -> int:
-    from .baselines import run_central_mf, run_popularity
+    from .baselines import (run_central_mf, run_popularity, run_random, select_metric,
+                            tune_central_mf)
+    from .metrics import COLD
     from .reporting import format_metrics, write_json
+    if args.model != "mf" and (args.tune or args.lr is not None or args.weight_decay is not None
+                               or args.select is not None):
+        raise ConfigError("--tune, --lr, --weight-decay and --select apply to --model mf only")
+    lrs, wds = _mf_options(args) if args.model == "mf" else ([], [])
     cfg = load_config(args.config, args.overrides)
+    if args.model == "mf":
+        select_metric(cfg, args.select)
     if args.model == "popularity":
         result = {"model": args.model, **run_popularity(cfg)}
+    elif args.model == "random":
+        result = {"model": args.model, "seed": cfg.run.seed, **run_random(cfg)}
+    elif args.tune:
+        result = {"model": args.model, **tune_central_mf(cfg, lrs, wds, args.epochs,
+                                                         progress=cfg.run.progress,
+                                                         select=args.select)}
     else:
-        result = {"model": args.model, **run_central_mf(cfg, args.epochs, args.lr)}
+        result = {"model": args.model, **run_central_mf(cfg, args.epochs, lrs[0],
+                                                        weight_decay=wds[0],
+                                                        select=args.select)}
     out = Path(cfg.run.out_dir)
     write_json(out / f"baseline_{args.model}.json", result)
+    if "tune" in result:
+        k, metric = cfg.eval.ks[0], result["tune"]["metric"]
+        print(f"grid (best validation {metric} within {args.epochs} epochs; * = chosen):")
+        print(format_grid(result["tune"], k))
+        if result["tune"]["constant"]:
+            hint = (f"; select by {COLD}{metric} (--select {COLD}{metric})"
+                    if cfg.data.split == "cold_items" and not metric.startswith(COLD) else "")
+            print(f"warning: validation {metric} is the same at every grid point and epoch, "
+                  f"so the choice says nothing{hint}", file=sys.stderr)
     for which in ("valid", "test"):
         print(f"{args.model} {which}: {format_metrics(result[which], cfg.eval.ks)}")
+        cold = {m[len(COLD):]: v for m, v in result[which].items() if m.startswith(COLD)}
+        if cold:
+            print(f"{args.model} {which} {COLD} {format_metrics(cold, cfg.eval.ks)}")
     if "best_round" in result:
-        print(f"(test at the best validation epoch, {result['best_round']})")
+        print(f"(test at the best validation {result['selected_by'].split(' ', 1)[1]} "
+              f"epoch, {result['best_round']}; "
+              f"lr {result['lr']:g}, weight decay {result['weight_decay']:g})")
     print(f"written: {out / f'baseline_{args.model}.json'}")
     return 0
 
@@ -217,11 +288,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     bl = sub.add_parser("baseline", help="evaluate a non-federated reference model")
     _add_config_args(bl)
-    bl.add_argument("--model", choices=["popularity", "mf"], default="popularity",
-                    help="popularity (the floor) or mf: centralised matrix factorisation "
-                         "(the ceiling), latent size fed.latent_dim")
-    bl.add_argument("--epochs", type=int, default=30, help="mf: training epochs")
-    bl.add_argument("--lr", type=float, default=0.005, help="mf: Adam learning rate")
+    bl.add_argument("--model", choices=["popularity", "mf", "random"], default="popularity",
+                    help="popularity (the floor), mf: centralised matrix factorisation "
+                         "(the ceiling), latent size fed.latent_dim, or random: every item "
+                         "scored by a seeded uniform draw per user (chance)")
+    bl.add_argument("--epochs", type=int, default=30,
+                    help="mf: training epochs; the test is read at the best validation "
+                         "epoch (by --select)")
+    bl.add_argument("--lr", default=None,
+                    help="mf: Adam learning rate (default 0.005); with --tune a comma list "
+                         "(default 0.002,0.005,0.02)")
+    bl.add_argument("--weight-decay", default=None,
+                    help="mf: Adam weight decay (default 1e-6); with --tune a comma list "
+                         "(default 0,1e-5,1e-4)")
+    bl.add_argument("--tune", action="store_true",
+                    help="mf: grid search over --lr x --weight-decay, each point's epoch and "
+                         "the point chosen by the validation metric (--select) alone; the "
+                         "test is read at the chosen point")
+    bl.add_argument("--select", default=None, metavar="METRIC",
+                    help="mf: the validation metric that picks the epoch and the grid point "
+                         "(default NDCG@K, K = eval.ks[0]); e.g. cold:NDCG@10 with "
+                         "data.split=cold_items, where no model ranks a cold item among "
+                         "all items"),
     bl.set_defaults(func=_cmd_baseline)
     dg = _command_group(sub, "diagnose", "diagnostics")
     dt = dg.add_parser("teacher", help="evaluate the group-fusion teacher and its variants "
