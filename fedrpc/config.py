@@ -124,9 +124,9 @@ class DataConfig:
     default: 5 for amazon, 0 otherwise."""
     split: Literal["loo", "predefined", "cold_items"] = "loo"
     """loo: leave-one-out by timestamp; predefined: the split column of the data (mmrec);
-    cold_items: a seeded share of the items (cold_item_share) is held out entirely, each
-    of its interactions to validation or test by a seeded coin; training never sees them,
-    and evaluation also ranks among the cold items alone (metrics prefixed cold:)."""
+    cold_items: a seeded share of the items (cold_item_share) is held out entirely, half
+    of them (seeded) to validation and half to test, each item whole; training never sees
+    them, and evaluation also ranks among the cold items alone (metrics prefixed cold:)."""
     cold_item_share: float = 0.1
     """split=cold_items: share of the items that are cold (seeded by run.seed)."""
     max_train_per_user: int = 0

@@ -82,14 +82,17 @@ def loo_labels(inter: Interactions) -> np.ndarray:
 
 def cold_item_labels(inter: Interactions, share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(labels, cold items): a seeded `share` of the items (at least one) is cold: every
-    interaction with a cold item is held out, each one to validation or test by a seeded
-    fair coin; every other interaction trains. Training never sees a cold item."""
+    interaction with a cold item is held out, and every other one trains. Training never
+    sees a cold item. Each cold item goes whole to validation or to test (a seeded half
+    of them each; test takes the odd one), so that choosing rounds or hyper-parameters on
+    validation learns nothing about how popular the test's cold items are."""
     rng = np.random.default_rng([seed, 0xC01D])
     n_cold = min(inter.n_items, max(1, int(round(share * inter.n_items))))
     cold = np.sort(rng.choice(inter.n_items, size=n_cold, replace=False))
-    is_cold = np.isin(inter.item, cold)
+    valid = rng.permutation(cold)[:n_cold // 2]
     label = np.zeros(len(inter), dtype=np.int64)
-    label[is_cold] = 1 + rng.integers(0, 2, size=int(is_cold.sum()))
+    label[np.isin(inter.item, cold)] = 2
+    label[np.isin(inter.item, valid)] = 1
     return label, cold
 
 
