@@ -110,11 +110,13 @@ def _mf_history(cfg: Config, split: Split, epochs: int, lr: float, weight_decay:
 
 def select_metric(cfg: Config, metric: Optional[str] = None) -> str:
     """The validation metric that picks the epoch (and the grid point): `metric`, or
-    NDCG@K with K = eval.ks[0]. A one-line error for a name evaluation does not report."""
-    metric = metric or f"NDCG@{cfg.eval.ks[0]}"
+    NDCG@K with K = eval.ks[0] (cold:NDCG@K on a cold-item split, as federated runs
+    select). A one-line error for a name evaluation does not report."""
     names = [f"{m}@{k}" for k in cfg.eval.ks for m in ("HR", "NDCG", "Recall")] + ["MRR"]
-    if cfg.data.split == "cold_items" and cfg.eval.mode == "full":
+    cold = cfg.data.split == "cold_items" and cfg.eval.mode == "full"
+    if cold:
         names += [COLD + n for n in names]
+    metric = metric or f"{COLD if cold else ''}NDCG@{cfg.eval.ks[0]}"
     if metric not in names:
         hint = (" (cold: metrics need data.split=cold_items and eval.mode=full)"
                 if metric.startswith(COLD) else "")

@@ -307,9 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "test is read at the chosen point")
     bl.add_argument("--select", default=None, metavar="METRIC",
                     help="mf: the validation metric that picks the epoch and the grid point "
-                         "(default NDCG@K, K = eval.ks[0]); e.g. cold:NDCG@10 with "
+                         "(default NDCG@K, K = eval.ks[0]; cold:NDCG@K with "
                          "data.split=cold_items, where no model ranks a cold item among "
-                         "all items"),
+                         "all items)"),
     bl.set_defaults(func=_cmd_baseline)
     dg = _command_group(sub, "diagnose", "diagnostics")
     dt = dg.add_parser("teacher", help="evaluate the group-fusion teacher and its variants "

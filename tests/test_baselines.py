@@ -163,3 +163,10 @@ def test_random_hit_rate_is_the_analytic_chance_level():
         expected, se = p.mean(), math.sqrt((p * (1 - p)).sum()) / len(p)
         assert abs(r[f"HR@{k}"] - expected) < 4 * se, (k, r[f"HR@{k}"], expected, se)
         assert 0.05 < expected < 0.5
+
+
+def test_mf_selects_on_the_cold_metric_of_a_cold_item_split_by_default():
+    """As federated runs do: ranked among all items every model scores near 0 there."""
+    from fedrpc.baselines import select_metric
+    assert select_metric(load_config(None, ["data.split=cold_items"])) == "cold:NDCG@10"
+    assert select_metric(load_config(None, [])) == "NDCG@10"
