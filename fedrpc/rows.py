@@ -209,6 +209,21 @@ class Rows:
         return Rows(changed.sum(1).to(torch.int64), items, tables[who, items], base)
 
 
+def cat_release(parts: list[Tensor]) -> Tensor:
+    """torch.cat of `parts` along dim 0, emptying the list as each part is copied: with no
+    other reference to the parts, each is freed once it is in the result, so the peak is
+    the result plus one part, not the parts and the result in full."""
+    out = parts[0].new_empty((sum(p.shape[0] for p in parts), *parts[0].shape[1:]))
+    at = 0
+    for j in range(len(parts)):
+        part, parts[j] = parts[j], None
+        out[at:at + part.shape[0]] = part
+        at += part.shape[0]
+        del part
+    parts.clear()
+    return out
+
+
 def _is_identity(order: Tensor) -> bool:
     return bool(torch.equal(order, torch.arange(len(order), dtype=order.dtype)))
 

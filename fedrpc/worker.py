@@ -21,7 +21,7 @@ from .messages import (CheckpointReply, CheckpointRequest, EvalReply, EvalReques
                        TrainRequest, fixed_sum)
 from .memory import with_peak_rss
 from .metrics import evaluate_users
-from .rows import Rows
+from .rows import Rows, cat_release
 from .state import ClientStore, save_atomic
 from .strategy import MaskRequest, make_backbone_from, upload_codec
 from .training import LocalSettings, build_client_batches, train_clients
@@ -107,18 +107,20 @@ class Worker:
             outs.append(train_clients(self.backbone, shared, self.state, batch, s, teacher, g,
                                       store_tables=False))
             kept.append((users, batch.counts, batch.items))
-        # private tables: one merge into the store for the round, not one per batch
+        # private tables: one merge into the store for the round, not one per batch; the
+        # chunks' rows (and below their uploads) are popped from `outs` and freed as they
+        # are stacked, so a round never holds them twice
         if kept and outs[0].private:
             users, counts, items = (np.concatenate(x) for x in zip(*kept))
-            for name in outs[0].private:
+            for name in list(outs[0].private):
                 self.state.put_rows(name, users, counts, items,
-                                    torch.cat([o.private[name] for o in outs]))
-        cat = lambda xs: (Rows.cat(xs) if isinstance(xs[0], Rows) else torch.cat(xs)
-                          ) if len(xs) > 1 else xs[0]
+                                    cat_release([o.private.pop(name) for o in outs]))
+        cat = lambda xs: (Rows.cat(xs, release=True) if isinstance(xs[0], Rows)
+                          else torch.cat(xs)) if len(xs) > 1 else xs[0]
         upload = [p.name for p in self.backbone.shared()]
         if self.cfg.gfmfr.enabled:           # what the server groups by, if not shared
             upload += list(self.backbone.group_only)
-        trained = {k: cat([o.shared[k] for o in outs]) for k in upload}
+        trained = {k: cat([o.shared.pop(k) for o in outs]) for k in upload}
         n_samples = (np.concatenate([o.n_samples for o in outs])
                      if self.cfg.fed.aggregation == "samples" else None)
         return TrainReply(req.round, req.users, self.codec.encode(shared, trained), n_samples,

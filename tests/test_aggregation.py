@@ -107,3 +107,16 @@ def test_finite_rows_checked_chunk_by_chunk_give_the_same_answer(monkeypatch):
     monkeypatch.setattr(rows_module, "CHUNK_ROWS", 2)
     assert torch.equal(rows.finite(), whole)
     assert whole.tolist() == [True, False, True, False, True]
+
+
+def test_stacking_a_workers_chunks_frees_each_chunk_once_copied():
+    """A worker's trained rows of several client chunks are stacked as torch.cat would,
+    and each chunk is freed once copied, so a round does not hold them twice."""
+    from fedrpc.rows import cat_release
+    gen = torch.Generator().manual_seed(0)
+    parts = [torch.randn(n, 3, generator=gen) for n in (4, 1, 6)]
+    expected = torch.cat(parts)
+    refs = [weakref.ref(p) for p in parts]
+    out = cat_release(parts)
+    assert parts == [] and all(r() is None for r in refs)
+    assert torch.equal(out, expected)
