@@ -115,11 +115,11 @@ def run_federation(config: Optional[str], overrides: Sequence[str], out: Path, w
     procs: list[subprocess.Popen] = []
     logs = []
     t0 = time.monotonic()
-    with _terminate_as_exit():
+    with _terminate_as_exit() as stopper:
         try:
             for r, env in enumerate(_rank_envs(workers, transport)):
                 logs.append(out / f"rank{r}.log")
-                with open(logs[-1], "wb") as f:
+                with open(logs[-1], "wb") as f, stopper.start():
                     procs.append(subprocess.Popen(argv, env=env, stdout=f,
                                                   stderr=subprocess.STDOUT,
                                                   start_new_session=True))
@@ -131,19 +131,43 @@ def run_federation(config: Optional[str], overrides: Sequence[str], out: Path, w
     return rec
 
 
+class _Stopper:
+    """SIGTERM as SystemExit, held back while a rank is being started: a signal that
+    arrived between the fork and Popen's return would leave a rank nobody records, so
+    none can kill it."""
+
+    def __init__(self) -> None:
+        self.starting, self.pending = False, None
+
+    def __call__(self, signum, frame) -> None:
+        if self.starting:
+            self.pending = signum
+            return
+        raise SystemExit(128 + signum)
+
+    @contextlib.contextmanager
+    def start(self):
+        self.starting = True
+        try:
+            yield
+        finally:
+            self.starting = False
+        if self.pending is not None:
+            raise SystemExit(128 + self.pending)
+
+
 @contextlib.contextmanager
 def _terminate_as_exit():
     """While inside, SIGTERM ends this process through its `finally` blocks, which kill
     the ranks it started (by default it would end at once and leave them to their
-    launcher watch)."""
-    def stop(signum, frame):
-        raise SystemExit(128 + signum)
+    launcher watch). Yields a `_Stopper`: start each rank inside its `start()`."""
+    stopper = _Stopper()
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield stopper
         return
-    before = signal.signal(signal.SIGTERM, stop)
+    before = signal.signal(signal.SIGTERM, stopper)
     try:
-        yield
+        yield stopper
     finally:
         signal.signal(signal.SIGTERM, before)
 

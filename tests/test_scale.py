@@ -201,3 +201,17 @@ def test_sigterm_to_bench_scale_kills_the_ranks_it_started(tmp_path):
             bench.kill()
         left = _reap(tag)
     assert left == [], f"processes left running: {left}"
+
+
+def test_sigterm_while_a_rank_starts_ends_the_bench_only_once_the_rank_is_recorded():
+    """A SIGTERM between a rank's fork and its Popen's return would leave a rank nobody
+    can kill: it is held until the rank is in the list the bench kills from."""
+    from fedrpc.bench_scale import _Stopper
+    stopper, recorded = _Stopper(), []
+    with pytest.raises(SystemExit) as e:
+        with stopper.start():
+            stopper(15, None)                   # arrives while the rank starts
+            recorded.append("rank")
+    assert recorded == ["rank"] and e.value.code == 128 + 15
+    with pytest.raises(SystemExit):
+        stopper(15, None)                       # outside a start: at once
