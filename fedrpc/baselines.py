@@ -126,9 +126,10 @@ def select_metric(cfg: Config, metric: Optional[str] = None) -> str:
 
 def _select_epoch(history: list[dict], k: int, metric: str) -> dict:
     """The test at the best validation `metric` epoch (ties: the earlier epoch); with the
-    default metric NDCG@k, exactly what a federated run's summary reports."""
-    from .server import best_rounds
-    if metric == f"NDCG@{k}":
+    metric a federated run selects by (NDCG@k, cold:NDCG@k on a cold-item split), exactly
+    what its summary reports."""
+    from .server import best_rounds, selection_prefix
+    if metric == f"{selection_prefix(history, k)}NDCG@{k}":
         return best_rounds(history, k)
     best = max(history, key=lambda h: (h["metrics"]["valid"][metric], -h["round"]))
     return {"best_round": best["round"], "selected_by": f"valid {metric}",

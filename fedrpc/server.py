@@ -304,7 +304,7 @@ def best_rounds(history: list[dict], k: int) -> dict:
     evals = [h for h in history if "metrics" in h]
     if not evals:
         return {}
-    pre = _selection_prefix(evals[0]["metrics"]["valid"], k)
+    pre = selection_prefix(evals, k)
     by_ndcg = max(evals, key=lambda h: (h["metrics"]["valid"][f"{pre}NDCG@{k}"], -h["round"]))
     by_hr = max(evals, key=lambda h: (h["metrics"]["valid"][f"{pre}HR@{k}"], -h["round"]))
     ref = {m: (by_ndcg["metrics"]["test"][m] + by_hr["metrics"]["test"][m]) / 2
@@ -390,9 +390,8 @@ def run_rounds(server: Server, run_dir: RunDir, progress: bool = True,
         if requested:
             raise Stopped(stop.requested, st.round, server.checkpoint_folder)
         if stopped_early:
-            log.info("early stop at round %d: %s for %d evaluations", r,
-                     best_rounds(st.history, k)["selected_by"].replace("valid", "no better valid"),
-                     cfg.eval.patience)
+            log.info("early stop at round %d: no better valid %sNDCG@%d for %d evaluations",
+                     r, selection_prefix(st.history, k), k, cfg.eval.patience)
             break
     summary = {"config": to_dict(cfg), "rounds_run": len(st.history),
                "stopped_early": stopped_early, "seconds": time.perf_counter() - t_start,
@@ -403,9 +402,11 @@ def run_rounds(server: Server, run_dir: RunDir, progress: bool = True,
     return summary
 
 
-def _selection_prefix(valid: dict, k: int) -> str:
-    """'cold:' where the metrics rank among cold items too (data.split=cold_items), whose
-    validation metrics then select rounds (best_rounds); '' otherwise."""
+def selection_prefix(history: list[dict], k: int) -> str:
+    """'cold:' where the evaluated rounds of `history` rank among cold items too
+    (data.split=cold_items), whose validation metrics then select rounds (best_rounds,
+    early stopping); '' otherwise."""
+    valid = next((h["metrics"]["valid"] for h in history if "metrics" in h), {})
     return COLD if f"{COLD}NDCG@{k}" in valid else ""
 
 
@@ -415,7 +416,7 @@ def _early_stop(history: list[dict], k: int, patience: int) -> bool:
     evals = [h["metrics"]["valid"] for h in history if "metrics" in h]
     if not patience or not evals:
         return False
-    pre = _selection_prefix(evals[0], k)
+    pre = selection_prefix(history, k)
     scores = [m[f"{pre}NDCG@{k}"] for m in evals]
     best = int(np.argmax(scores))             # the first best
     return len(scores) - 1 - best >= patience
