@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .rows import stack
+
 FLOAT_BYTES = 4
 LOSS_UNIT = 2.0 ** -40     # per-client losses travel summed, in fixed point of this unit
 
@@ -197,15 +199,6 @@ class Shutdown:
     """Server -> worker: the run is over."""
 
 
-def _cat(parts: list, order: Tensor):
-    """Stack per-client uploads along clients in `order` (tensors, or item tables as
-    `Rows`, each part released once copied)."""
-    from .rows import Rows
-    if isinstance(parts[0], Rows):
-        return Rows.cat(parts, order, release=True)
-    return torch.cat(parts)[order]
-
-
 def stack_sorted(replies: list[TrainReply]) -> TrainReply:
     """The (decoded) replies of all workers as one, clients sorted by user id (fixed
     reduction order).
@@ -224,7 +217,7 @@ def stack_sorted(replies: list[TrainReply]) -> TrainReply:
             max(r.seconds for r in replies))
     parts = {k: [r.shared[k] for r in replies] for k in replies[0].shared}
     replies.clear()                      # from here `parts` alone holds the uploads
-    shared = {k: _cat(parts.pop(k), ord_t) for k in list(parts)}
+    shared = {k: stack(parts.pop(k), ord_t) for k in list(parts)}
     return TrainReply(*head, shared, *tail)
 
 

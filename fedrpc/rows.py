@@ -224,6 +224,16 @@ def cat_release(parts: list[Tensor]) -> Tensor:
     return out
 
 
+def stack(parts: list, order: Optional[Tensor] = None):
+    """Per-client values of several senders (item tables as `Rows`, or tensors with the
+    clients along dim 0) as one, the clients in `order` if given; `parts` is emptied and
+    each part freed once copied (Rows.cat, cat_release). One part in order is not copied."""
+    if isinstance(parts[0], Rows):
+        return Rows.cat(parts, order, release=True)
+    out = parts.pop() if len(parts) == 1 else cat_release(parts)
+    return out if order is None else out[order]
+
+
 def _is_identity(order: Tensor) -> bool:
     return bool(torch.equal(order, torch.arange(len(order), dtype=order.dtype)))
 

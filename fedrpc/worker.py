@@ -21,7 +21,7 @@ from .messages import (CheckpointReply, CheckpointRequest, EvalReply, EvalReques
                        TrainRequest, fixed_sum)
 from .memory import with_peak_rss
 from .metrics import evaluate_users
-from .rows import Rows, cat_release
+from .rows import stack
 from .state import ClientStore, save_atomic
 from .strategy import MaskRequest, make_backbone_from, upload_codec
 from .training import LocalSettings, build_client_batches, train_clients
@@ -114,18 +114,16 @@ class Worker:
             users, counts, items = (np.concatenate(x) for x in zip(*kept))
             for name in list(outs[0].private):
                 self.state.put_rows(name, users, counts, items,
-                                    cat_release([o.private.pop(name) for o in outs]))
-        cat = lambda xs: (Rows.cat(xs, release=True) if isinstance(xs[0], Rows)
-                          else torch.cat(xs)) if len(xs) > 1 else xs[0]
+                                    stack([o.private.pop(name) for o in outs]))
         upload = [p.name for p in self.backbone.shared()]
         if self.cfg.gfmfr.enabled:           # what the server groups by, if not shared
             upload += list(self.backbone.group_only)
-        trained = {k: cat([o.shared.pop(k) for o in outs]) for k in upload}
+        trained = {k: stack([o.shared.pop(k) for o in outs]) for k in upload}
         n_samples = (np.concatenate([o.n_samples for o in outs])
                      if self.cfg.fed.aggregation == "samples" else None)
         return TrainReply(req.round, req.users, self.codec.encode(shared, trained), n_samples,
-                          fixed_sum(cat([o.loss for o in outs])),
-                          fixed_sum(cat([o.kl for o in outs])), time.perf_counter() - t0)
+                          fixed_sum(stack([o.loss for o in outs])),
+                          fixed_sum(stack([o.kl for o in outs])), time.perf_counter() - t0)
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint(self, req: CheckpointRequest) -> CheckpointReply:
