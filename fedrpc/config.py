@@ -447,6 +447,10 @@ class RuntimeConfig:
     the round goes on with the replies that arrived (lost clients recorded); in process
     the run continues, over rpc (a dead rank cannot rejoin) the round finishes, a
     checkpoint is written and the run exits."""
+    overlap_eval: bool = True
+    """Evaluate on the workers while the server groups and fuses (same metrics: round r's
+    evaluation needs only the aggregated model). Not with gfmfr.content_prior > 0, which
+    changes that model after fusion, nor over MPI without MPI_THREAD_MULTIPLE."""
 
     def validate(self, key: str) -> None:
         check(self.startup_timeout_s > 0, f"{key}.startup_timeout_s", "must be > 0")

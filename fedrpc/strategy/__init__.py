@@ -236,6 +236,12 @@ class GFMFR:
     def secure(self) -> bool:
         return self.cfg.fed.protocol == "secagg"
 
+    @property
+    def fusion_changes_model(self) -> bool:
+        """Whether group_fuse_teach changes the global shared parameters (the content
+        prior does); if not, the round's model is final once aggregated."""
+        return bool(self.cfg.gfmfr.enabled and self.cfg.gfmfr.content_prior)
+
     # -- secure group aggregation (secagg.py) --------------------------------------
     def mask_requests(self, hosts: dict[int, np.ndarray], up: TrainReply,
                       labels: Optional[np.ndarray], r: int) -> tuple[dict, dict]:

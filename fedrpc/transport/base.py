@@ -101,6 +101,7 @@ class Transport(ABC):
 
     name = "transport"
     can_rejoin = True    # a worker that failed a request can still answer the next one
+    concurrent = True    # the server may exchange from a second thread while it computes
 
     def __init__(self) -> None:
         self.ledger = ByteLedger()

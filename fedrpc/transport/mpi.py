@@ -186,14 +186,15 @@ class MpiTransport(Transport):
         if self.rank == 0:
             log.info("mpi: %s", ", ".join(f"rank {r} = pid {pid} on {host}"
                                           for r, (pid, host) in enumerate(self.ranks_at)))
-            if self.MPI.Query_thread() == self.MPI.THREAD_MULTIPLE:
+            self.concurrent = self.MPI.Query_thread() == self.MPI.THREAD_MULTIPLE
+            if self.concurrent:
                 self._beating.set()
                 self._beat_thread = threading.Thread(target=self._beat, name="mpi-heartbeat",
                                                      daemon=True)
                 self._beat_thread.start()
             else:
                 log.warning("mpi: no MPI_THREAD_MULTIPLE: workers do not check that the "
-                            "server is alive")
+                            "server is alive, and evaluation waits for fusion")
         return time.perf_counter() - t0
 
     def stop(self, graceful: bool = True) -> bool:
