@@ -135,21 +135,22 @@ class TrainOutput:
                                         # (the batch's packed rows)
 
 
-def _sgd_rows(table: Tensor, flat: Tensor, grad: Tensor, old: Tensor, valid: Tensor,
-              lr: float, wd: float) -> None:
-    """SGD on rows `flat` [K] of `table` [R, d] for the samples marked `valid` [K]:
-    `grad` [K, d] their gradients, `old` [K, d] the rows' values before the step.
+def _sgd_rows(table: Tensor, flat: Tensor, grad: Tensor, old: Tensor, lr: float,
+              wd: float) -> None:
+    """SGD on rows `flat` [K] of `table` [R, d]: `grad` [K, d] the samples' gradients,
+    `old` [K, d] the rows' values before the step.
 
-    Gradients of a repeated row add up; weight decay applies once to each row a valid
-    sample touched (a row touched m times takes 1/m of it from each); padding takes no
-    step. One scatter-add into the table: no sort, no temporary per distinct row.
+    Gradients of a repeated row add up; weight decay applies once to each row a sample
+    touched (a row touched m times takes 1/m of it from each). Padding samples point at
+    the table's last row, padding's own (never returned), with zero gradients: they need
+    no filtering, and every other row sums the same terms in the same order. One
+    scatter-add into the table: no sort, no temporary per distinct row.
     """
-    pos = valid.nonzero().reshape(-1)
-    f, g = flat.index_select(0, pos), grad.index_select(0, pos)
+    g = grad
     if wd:
-        m = torch.bincount(f, minlength=table.shape[0]).index_select(0, f)
-        g = g.addcmul_(old.index_select(0, pos), (wd / m.to(g.dtype)).unsqueeze(1))
-    table.index_add_(0, f, g, alpha=-lr)
+        m = torch.bincount(flat, minlength=table.shape[0]).index_select(0, flat)
+        g = g.addcmul_(old, (wd / m.to(g.dtype)).unsqueeze(1))
+    table.index_add_(0, flat, g, alpha=-lr)
 
 
 def train_clients(backbone: Backbone, global_shared: dict[str, Tensor], state: ClientStore,
@@ -229,11 +230,10 @@ def train_clients(backbone: Backbone, global_shared: dict[str, Tensor], state: C
         step_scale = (cnt / s.batch_size).clamp(max=1.0)
         grads = torch.autograd.grad((loss * step_scale).sum(), leaves)
         with torch.no_grad():
-            vflat = v.reshape(-1)
             for (name, table), g in zip(tables.items(), grads[:len(rows)]):
                 lr = s.lr_item if name in global_shared else s.lr_private_item
                 _sgd_rows(table, flat, g.reshape(-1, d), rows[name].detach().reshape(-1, d),
-                          vflat, lr, s.weight_decay)
+                          lr, s.weight_decay)
             for (name, p), g in zip(dense.items(), grads[len(rows):]):
                 dense_store[name].index_copy_(0, owner[name][:n],
                                               p.detach() - s.lr * (g + s.weight_decay * p.detach()))
