@@ -43,9 +43,7 @@ def _straightforward(worker: Worker, req: TrainRequest) -> None:
             groups.append({"params": [params[p.name]], "lr": lr})
         opt = torch.optim.SGD(groups, lr=s.lr, weight_decay=s.weight_decay)
         for step in range(int(batch.steps[0])):
-            v = torch.from_numpy(batch.valid[0, step])
-            it = torch.from_numpy(batch.sample_items()[0, step])[v]
-            y = torch.from_numpy(batch.labels[0, step])[v]
+            it, y = (torch.from_numpy(a) for a in batch.minibatch(0, step))
             rows = {p.name: params[p.name][it].unsqueeze(0) for p in bb.params() if p.table}
             dense = {p.name: params[p.name].unsqueeze(0) for p in bb.params() if not p.table}
             logits = bb.logits(rows, dense)

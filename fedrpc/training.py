@@ -61,25 +61,48 @@ class LocalSettings:
 
 @dataclass
 class ClientBatch:
-    """What N clients train on this round, in user-id order.
+    """What N clients train on this round, clients in user-id order.
 
     Each client's table rows are packed: client c owns packed rows
     offsets[c] .. offsets[c + 1] - 1, one per distinct item of its samples (`items`,
     ascending within the client); `rows` names a sample's packed row (row K, one past
-    the last, is padding)."""
+    the last, is padding).
+
+    Samples are stored step-major, without the steps a client does not take: `order`
+    sorts the clients by their number of steps (most first), so the clients that train
+    at step s are the first `active(s)` of that order, and step s is the block
+    rows[step_start[s]:step_start[s + 1]] of active(s) x B samples, client order[p] at
+    p * B .. p * B + B - 1 (slots past its samples are padding)."""
     users: np.ndarray                       # [N] global user ids
-    rows: np.ndarray                        # [N, S_max, B] packed row of each sample
-    labels: np.ndarray                      # [N, S_max, B] float32
-    valid: np.ndarray                       # [N, S_max, B] bool
+    rows: np.ndarray                        # [T] packed row of each sample slot
+    labels: np.ndarray                      # [T] float32
+    valid: np.ndarray                       # [T] bool
+    step_start: np.ndarray                  # [S_max + 1] first slot of each step
+    order: np.ndarray                       # [N] clients by steps, most first (stable)
     steps: np.ndarray                       # [N] steps of each client
     n_samples: np.ndarray                   # [N] samples per epoch
     n_items: int
     counts: np.ndarray                      # [N] distinct items (packed rows) per client
     items: np.ndarray                       # [K] item id of each packed row
+    batch_size: int
 
-    def sample_items(self) -> np.ndarray:
-        """[N, S_max, B] the item id of each sample (0 where padding)."""
-        return np.append(self.items, 0)[self.rows]
+    def active(self, step: int) -> int:
+        """How many clients train at `step` (a prefix of `order`)."""
+        return (self.step_start[step + 1] - self.step_start[step]) // self.batch_size
+
+    def minibatch(self, c: int, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """Client c's (position in `users`) minibatch at `step`: item ids, labels."""
+        p = int(np.flatnonzero(self.order == c)[0])
+        at = slice(self.step_start[step] + p * self.batch_size,
+                   self.step_start[step] + (p + 1) * self.batch_size)
+        v = self.valid[at]
+        return np.append(self.items, 0)[self.rows[at][v]], self.labels[at][v]
+
+    def samples(self, c: int) -> tuple[np.ndarray, np.ndarray]:
+        """All of client c's samples over its steps, in training order: items, labels."""
+        parts = [self.minibatch(c, s) for s in range(int(self.steps[c]))]
+        return (np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64),
+                np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.float32))
 
 
 def build_client_batches(users: np.ndarray, train_indptr: np.ndarray, train_items: np.ndarray,
@@ -103,23 +126,34 @@ def build_client_batches(users: np.ndarray, train_indptr: np.ndarray, train_item
     n_rows = np.array([len(d[0]) for d in distinct], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(n_rows)])
     B, S = s.batch_size, int(steps.max(initial=0))
-    rows = np.full((len(users), S, B), offsets[-1], dtype=np.int64)    # padding: row K
-    labels = np.zeros((len(users), S, B), dtype=np.float32)
-    valid = np.zeros((len(users), S, B), dtype=bool)
+    order = np.argsort(-steps, kind="stable")
+    place = np.empty(len(users), dtype=np.int64)             # client -> its place in order
+    place[order] = np.arange(len(users))
+    active = np.searchsorted(-steps[order], -np.arange(S), side="left")  # steps > s
+    step_start = np.concatenate([[0], np.cumsum(active * B)]).astype(np.int64)
+    where, what, label = [], [], []
     for c, u in enumerate(users.tolist()):
         row = offsets[c] + distinct[c][1].reshape(-1)
         y = np.concatenate([np.ones(len(pos[c]), np.float32), np.zeros(len(negs[c]), np.float32)])
         rng = user_rng(s.seed, s.round, u, SHUFFLE)
-        for e in range(s.epochs):
-            order = rng.permutation(len(row))
-            span = slice(e * per_epoch[c], (e + 1) * per_epoch[c])
-            # an epoch's minibatches are contiguous: fill them flat, padding stays
-            rows[c, span].reshape(-1)[:len(row)] = row[order]
-            labels[c, span].reshape(-1)[:len(row)] = y[order]
-            valid[c, span].reshape(-1)[:len(row)] = True
+        perm = np.stack([rng.permutation(len(row)) for _ in range(s.epochs)])  # [E, n]
+        # an epoch's minibatches are consecutive steps, filled in sample order
+        k = np.arange(len(row))
+        step = np.arange(s.epochs)[:, None] * per_epoch[c] + k // B
+        where.append((step_start[step] + place[c] * B + k % B).reshape(-1))
+        what.append(row[perm].reshape(-1))
+        label.append(y[perm].reshape(-1))
+    T = int(step_start[-1])
+    rows = np.full(T, offsets[-1], dtype=np.int64)            # padding: row K
+    labels = np.zeros(T, dtype=np.float32)
+    valid = np.zeros(T, dtype=bool)
+    if where:
+        at = np.concatenate(where)
+        rows[at], labels[at], valid[at] = np.concatenate(what), np.concatenate(label), True
     items = (np.concatenate([d[0] for d in distinct]) if len(distinct)
              else np.zeros(0, np.int64)).astype(np.int64)
-    return ClientBatch(users, rows, labels, valid, steps, n_samples, n_items, n_rows, items)
+    return ClientBatch(users, rows, labels, valid, step_start, order, steps, n_samples,
+                       n_items, n_rows, items, B)
 
 
 @dataclass
@@ -169,13 +203,13 @@ def train_clients(backbone: Backbone, global_shared: dict[str, Tensor], state: C
     """
     N = len(batch.users)
     dev = state.device
-    order = np.argsort(-batch.steps, kind="stable")          # most steps first
+    order = batch.order                                       # most steps first
     steps_sorted = batch.steps[order]
     ord_t = torch.from_numpy(order)
     slots = state.slots(batch.users)[ord_t].to(dev)          # private-storage rows
-    rows_of = torch.from_numpy(batch.rows[order]).to(dev)
-    labels = torch.from_numpy(batch.labels[order]).to(dev)
-    valid = torch.from_numpy(batch.valid[order]).to(dev)
+    rows_of = torch.from_numpy(batch.rows).to(dev)           # step-major, see ClientBatch
+    labels = torch.from_numpy(batch.labels).to(dev)
+    valid = torch.from_numpy(batch.valid).to(dev)
     grp = (groups[ord_t] if groups is not None else torch.full((N,), -1, dtype=torch.long)).to(dev)
     teacher = teacher.to(dev) if teacher is not None else None
     item_of = torch.from_numpy(np.append(batch.items, 0)).to(dev)   # padding row: item 0
@@ -202,8 +236,9 @@ def train_clients(backbone: Backbone, global_shared: dict[str, Tensor], state: C
     sum_kl = torch.zeros(N, dtype=torch.float64, device=dev)
 
     for step in range(int(steps_sorted[0]) if N else 0):
-        n = int(np.searchsorted(-steps_sorted, -step, side="left"))  # clients with steps > step
-        flat, y, v = rows_of[:n, step].reshape(-1), labels[:n, step], valid[:n, step]
+        n = batch.active(step)                              # clients with steps > step
+        at = slice(int(batch.step_start[step]), int(batch.step_start[step + 1]))
+        flat, y, v = rows_of[at], labels[at].view(n, -1), valid[at].view(n, -1)
         rows = {name: t.index_select(0, flat).view(n, -1, d).requires_grad_(True)
                 for name, t in tables.items()}
         dense = {name: store.index_select(0, owner[name][:n]).requires_grad_(True)

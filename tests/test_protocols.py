@@ -64,7 +64,7 @@ def training_items(worker, req):
     s = worker.settings(req)
     b = build_client_batches(req.users, worker.split.train_indptr, worker.split.train_items,
                              worker.n_items, s)
-    return {int(u): set(np.unique(b.sample_items()[j][b.valid[j]]).tolist())
+    return {int(u): set(np.unique(b.samples(j)[0]).tolist())
             for j, u in enumerate(req.users)}
 
 

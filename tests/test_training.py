@@ -87,6 +87,12 @@ def test_training_is_deterministic(small):
             assert torch.equal(a.shared[k], b.shared[k])
 
 
+def negatives(batch, c):
+    """The negative samples client c trains on this round, over all its epochs."""
+    items, labels = batch.samples(c)
+    return items[labels == 0]
+
+
 def test_negatives_are_fresh_each_round(small):
     inter, split = small
     users = np.arange(inter.n_users)
@@ -94,14 +100,14 @@ def test_negatives_are_fresh_each_round(small):
                               inter.n_items, LocalSettings(round=0))
     b1 = build_client_batches(users, split.train_indptr, split.train_items,
                               inter.n_items, LocalSettings(round=1))
-    neg0 = np.sort(b0.sample_items()[0][(b0.labels[0] == 0) & b0.valid[0]])
-    neg1 = np.sort(b1.sample_items()[0][(b1.labels[0] == 0) & b1.valid[0]])
+    neg0 = np.sort(negatives(b0, 0))
+    neg1 = np.sort(negatives(b1, 0))
     assert not np.array_equal(neg0, neg1)
     assert not set(split.train_of(0).tolist()) & set(neg0.tolist())
     # 4 negatives per positive, every epoch sees each sample once
     pos = split.train_of(0)
     assert b0.n_samples[0] == 5 * len(pos)
-    assert b0.valid[0].sum() == 5 * b0.n_samples[0]
+    assert len(b0.samples(0)[0]) == 5 * b0.n_samples[0]
 
 
 def test_held_out_items_can_be_negatives(small):
@@ -117,7 +123,7 @@ def test_held_out_items_can_be_negatives(small):
         b = build_client_batches(users, split.train_indptr, split.train_items, inter.n_items,
                                  LocalSettings(round=r, epochs=1))
         for c, u in enumerate(users):
-            negs = set(b.sample_items()[c][(b.labels[c] == 0) & b.valid[c]].tolist())
+            negs = set(negatives(b, c).tolist())
             drawn += len(negs & held[u])
     assert drawn > 0
 
@@ -182,14 +188,12 @@ def test_packed_rows_train_like_whole_tables(name, small):
     shared0 = bb.init_shared(inter.n_items, 0)
     batch = build_client_batches(users, split.train_indptr, split.train_items,
                                  inter.n_items, s)
-    items = torch.from_numpy(batch.sample_items())
     for c, u in enumerate(users):
         params = {p.name: (shared0[p.name] if p.shared
                            else bb.init_private(inter.n_items, 0, int(u))[p.name]).clone()
                   for p in bb.params()}
         for step in range(int(batch.steps[c])):
-            v = torch.from_numpy(batch.valid[c, step])
-            it, y = items[c, step][v], torch.from_numpy(batch.labels[c, step])[v]
+            it, y = (torch.from_numpy(x) for x in batch.minibatch(c, step))
             leaves = {k: t.clone().requires_grad_(True) for k, t in params.items()}
             rows = {p.name: leaves[p.name][it].unsqueeze(0) for p in bb.params() if p.table}
             dense = {p.name: leaves[p.name].unsqueeze(0) for p in bb.params() if not p.table}
