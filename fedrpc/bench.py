@@ -258,6 +258,8 @@ def _mark_phases(server, patches: _Patches) -> None:
         return make
 
     patches.wrap(server.transport, "exchange", marked(lambda r, kind, *a, **kw: kind))
+    # the profiler records only the thread that started it: evaluate in that thread
+    patches.wrap(server, "_overlap_eval", lambda old: lambda: False)
     for name in ("admit", "aggregate"):       # the server times both as "aggregate"
         patches.wrap(server.strategy, name, marked(lambda *a, **kw: "aggregate"))
     patches.wrap(server.strategy, "group", marked(lambda *a, **kw: "group"))
