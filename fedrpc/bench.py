@@ -48,7 +48,8 @@ def _straightforward(worker: Worker, req: TrainRequest) -> None:
             dense = {p.name: params[p.name].unsqueeze(0) for p in bb.params() if not p.table}
             logits = bb.logits(rows, dense)
             loss = F.binary_cross_entropy_with_logits(logits[0], y)
-            reg = bb.regulariser(rows, dense, torch.ones(1, len(it), dtype=torch.bool), s.round)
+            reg = bb.regulariser(rows, dense, torch.ones(1, len(it), dtype=torch.bool),
+                                  bb.regulariser_weight(s.round))
             if reg is not None:
                 loss = loss + reg[0]
             opt.zero_grad()

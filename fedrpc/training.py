@@ -20,6 +20,8 @@ s are always a prefix: a step slices, it never gathers clients.
 """
 from __future__ import annotations
 
+import functools
+import shutil
 from dataclasses import dataclass
 from typing import Optional
 
@@ -33,7 +35,7 @@ from .data.sampling import TRAIN_NEGATIVES, negatives_for_users, user_rng
 from .models.backbones import Backbone, FedRAP
 from .rows import Rows
 from .state import ClientStore
-from .strategy import distill
+from .strategy import distill, distill_weight
 
 _FED, _GFMFR = FedConfig(), GFMFRConfig()  # defaults come from the config, in one place
 _RATES = FedRAP.rates                      # the default backbone's
@@ -57,6 +59,7 @@ class LocalSettings:
     total_rounds: int = 1
     ema_decay: float = _GFMFR.ema_decay
     max_ratio: float = _GFMFR.max_ratio
+    compile: bool = False            # runtime.compile: the step's objective by torch.compile
 
 
 @dataclass
@@ -187,6 +190,51 @@ def _sgd_rows(table: Tensor, flat: Tensor, grad: Tensor, old: Tensor, lr: float,
     table.index_add_(0, flat, g, alpha=-lr)
 
 
+def _objective(backbone: Backbone, batch_size: int, ema_decay: float, max_ratio: float,
+               rows: dict, dense: dict, y: Tensor, v: Tensor, reg_w, teacher=None,
+               items=None, group=None, ratio=None, dist_w=None):
+    """One local step's objective for n clients' minibatches: (the sum over clients of
+    their scaled losses, to differentiate; base losses [n]; with a teacher also KL [n]
+    and the updated distillation ratios [n]). Pure: no state changes."""
+    logits = backbone.logits(rows, dense)
+    vf = v.float()
+    cnt = vf.sum(1).clamp(min=1)
+    bce = (F.binary_cross_entropy_with_logits(logits, y, reduction="none") * vf).sum(1) / cnt
+    reg = backbone.regulariser(rows, dense, v, reg_w)
+    base = bce if reg is None else bce + reg
+    # a minibatch of n < batch_size samples steps with n / batch_size of the rate, so a
+    # sample's step does not depend on how much data its client holds: with the mean
+    # alone, a client with 25 samples took 10x the step of a full batch's sample, and
+    # the distillation term (which keeps logits off saturation) then diverged
+    step_scale = (cnt / batch_size).clamp(max=1.0)
+    if teacher is None:
+        return (base * step_scale).sum(), base
+    term, kl, ratio = distill(logits, items, group, teacher, ratio, vf, base, dist_w,
+                              ema_decay, max_ratio)
+    return ((base + term) * step_scale).sum(), base, kl, ratio
+
+
+_COMPILED: dict = {}
+
+
+def step_objective(backbone: Backbone, s: LocalSettings):
+    """`_objective` bound to this backbone and round settings; with `s.compile`, compiled
+    by torch.compile (dynamic shapes: one graph serves every number of clients; built
+    once per process and backbone configuration)."""
+    fn = functools.partial(_objective, backbone, s.batch_size, s.ema_decay, s.max_ratio)
+    if not s.compile:
+        return fn
+    key = (type(backbone), backbone.d, getattr(backbone, "alpha", None),
+           getattr(backbone, "beta", None), s.batch_size, s.ema_decay, s.max_ratio)
+    if key not in _COMPILED:
+        if not (shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")):
+            raise RuntimeError("runtime.compile=true needs a C++ compiler on PATH for "
+                               "torch.compile's CPU kernels (c++, g++ or clang++); install "
+                               "one or set runtime.compile=false")
+        _COMPILED[key] = torch.compile(fn, dynamic=True)
+    return _COMPILED[key]
+
+
 def train_clients(backbone: Backbone, global_shared: dict[str, Tensor], state: ClientStore,
                   batch: ClientBatch, s: LocalSettings, teacher: Optional[Tensor] = None,
                   groups: Optional[Tensor] = None, store_tables: bool = True) -> TrainOutput:
@@ -235,6 +283,10 @@ def train_clients(backbone: Backbone, global_shared: dict[str, Tensor], state: C
     sum_base = torch.zeros(N, dtype=torch.float64, device=dev)
     sum_kl = torch.zeros(N, dtype=torch.float64, device=dev)
 
+    loss_fn = step_objective(backbone, s)
+    reg_w, dist_w = backbone.regulariser_weight(s.round), distill_weight(s.round, s.total_rounds)
+    if s.compile:      # schedule values as tensors: one compiled graph for every round
+        reg_w, dist_w = torch.tensor(reg_w, device=dev), torch.tensor(dist_w, device=dev)
     for step in range(int(steps_sorted[0]) if N else 0):
         n = batch.active(step)                              # clients with steps > step
         at = slice(int(batch.step_start[step]), int(batch.step_start[step + 1]))
@@ -243,27 +295,16 @@ def train_clients(backbone: Backbone, global_shared: dict[str, Tensor], state: C
                 for name, t in tables.items()}
         dense = {name: store.index_select(0, owner[name][:n]).requires_grad_(True)
                  for name, store in dense_store.items()}
-        logits = backbone.logits(rows, dense)
-        vf = v.float()
-        cnt = vf.sum(1).clamp(min=1)
-        bce = (F.binary_cross_entropy_with_logits(logits, y, reduction="none") * vf).sum(1) / cnt
-        reg = backbone.regulariser(rows, dense, v, s.round)
-        base = bce if reg is None else bce + reg
-        loss = base
         if teacher is not None:                 # GFMFR's client half
             it = item_of.index_select(0, flat).view(n, -1)
-            term, kl, ratio[:n] = distill(logits, it, grp[:n], teacher, ratio[:n], vf, base,
-                                          s.round, s.total_rounds, s.ema_decay, s.max_ratio)
-            loss = base + term
+            objective, base, kl, ratio[:n] = loss_fn(rows, dense, y, v, reg_w, teacher, it,
+                                                     grp[:n], ratio[:n], dist_w)
             sum_kl[:n] += kl.double()
+        else:
+            objective, base = loss_fn(rows, dense, y, v, reg_w)
         sum_base[:n] += base.detach().double()
         leaves = list(rows.values()) + list(dense.values())
-        # a minibatch of n < batch_size samples steps with n / batch_size of the rate, so a
-        # sample's step does not depend on how much data its client holds: with the mean
-        # alone, a client with 25 samples took 10x the step of a full batch's sample, and
-        # the distillation term (which keeps logits off saturation) then diverged
-        step_scale = (cnt / s.batch_size).clamp(max=1.0)
-        grads = torch.autograd.grad((loss * step_scale).sum(), leaves)
+        grads = torch.autograd.grad(objective, leaves)
         with torch.no_grad():
             for (name, table), g in zip(tables.items(), grads[:len(rows)]):
                 lr = s.lr_item if name in global_shared else s.lr_private_item

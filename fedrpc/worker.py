@@ -77,7 +77,8 @@ class Worker:
                              weight_decay=f.weight_decay, seed=self.cfg.run.seed,
                              round=req.round, total_rounds=f.rounds,
                              ema_decay=self.cfg.gfmfr.ema_decay,
-                             max_ratio=self.cfg.gfmfr.max_ratio)
+                             max_ratio=self.cfg.gfmfr.max_ratio,
+                             compile=self.cfg.runtime.compile)
 
     def train(self, req: TrainRequest) -> TrainReply:
         self.state.begin_round(req.round, req.users)   # undone if the round fails

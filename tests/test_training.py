@@ -199,7 +199,8 @@ def test_packed_rows_train_like_whole_tables(name, small):
             dense = {p.name: leaves[p.name].unsqueeze(0) for p in bb.params() if not p.table}
             loss = torch.nn.functional.binary_cross_entropy_with_logits(
                 bb.logits(rows, dense)[0], y)
-            reg = bb.regulariser(rows, dense, torch.ones(1, len(it), dtype=torch.bool), s.round)
+            reg = bb.regulariser(rows, dense, torch.ones(1, len(it), dtype=torch.bool),
+                                  bb.regulariser_weight(s.round))
             loss = (loss if reg is None else loss + reg[0]) * min(1.0, len(it) / s.batch_size)
             loss.backward()
             with torch.no_grad():

@@ -85,9 +85,14 @@ class Backbone:
         """rows: table params gathered for a minibatch [N, B, d]; dense: [N, ...] -> [N, B]."""
         raise NotImplementedError
 
-    def regulariser(self, rows, dense, valid: Tensor, round_: int) -> Tensor | None:
-        """Extra per-client loss [N] (None = none); `valid` [N, B] marks real samples."""
+    def regulariser(self, rows, dense, valid: Tensor, weight) -> Tensor | None:
+        """Extra per-client loss [N] (None = none); `valid` [N, B] marks real samples;
+        `weight` = regulariser_weight(round) (a float, or a 0-d tensor when compiled)."""
         return None
+
+    def regulariser_weight(self, round_: int) -> float:
+        """The regulariser's weight at a round (its annealing schedule)."""
+        return 1.0
 
     def group_logits(self, F: Tensor, head: dict[str, Tensor]) -> Tensor:
         """A group's preference logits over items from fused item embeddings F [G, I, d]
@@ -184,15 +189,17 @@ class _IndependenceRegulariser(Backbone):
         super().__init__(d)
         self.alpha, self.beta = alpha, beta
 
-    def regulariser(self, rows, dense, valid, round_):
+    def regulariser_weight(self, round_):
         # FedRAP anneals both weights from their initial values: tanh(round/10) * w0.
-        ramp = math.tanh(round_ / 10.0)
+        return math.tanh(round_ / 10.0)
+
+    def regulariser(self, rows, dense, valid, weight):
         vf = valid.float()
         n = (vf.sum(1) * self.d).clamp(min=1)
         diff = rows["P"] - rows["C"]
         mse = ((diff * diff).sum(-1) * vf).sum(1) / n
         l1 = (rows["C"].abs().sum(-1) * vf).sum(1) / n
-        return ramp * (self.beta * l1 - self.alpha * mse)
+        return weight * (self.beta * l1 - self.alpha * mse)
 
 
 class FedRAP(_IndependenceRegulariser):

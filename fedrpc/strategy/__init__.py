@@ -60,16 +60,22 @@ def sample_participants(users: np.ndarray, cfg: Config, round_: int) -> np.ndarr
 
 
 # ---------------------------------------------------------------------- client half
+def distill_weight(round_: int, total_rounds: int) -> float:
+    """The distillation schedule cos(pi t / 2T) at round t of T."""
+    return math.cos(math.pi * round_ / (2 * max(total_rounds, 1)))
+
+
 def distill(logits: Tensor, items: Tensor, group: Tensor, teacher: Tensor, ratio: Tensor,
-            weights: Tensor, base: Tensor, round_: int, total_rounds: int,
-            ema_decay: float, max_ratio: float) -> tuple[Tensor, Tensor, Tensor]:
+            weights: Tensor, base: Tensor, schedule, ema_decay: float,
+            max_ratio: float) -> tuple[Tensor, Tensor, Tensor]:
     """The distillation term of N clients' minibatches.
 
     logits, items, weights [N, B] (weights 1 for real samples, 0 for padding); group [N]
     (-1 = no group: no term); teacher [G, I]; ratio [N] the clients' EMA of L_base / KL
     (NaN = not yet set); base [N] their base losses. Returns (lambda_t * KL [N] to add to
     the loss, KL [N] for reporting (0 without a group), the updated ratios [N]), with
-    lambda_t = ratio * cos(pi t / 2T) and the ratio capped at max_ratio."""
+    lambda_t = ratio * schedule, schedule = distill_weight(t, T) (a float, or a 0-d tensor
+    when compiled), and the ratio capped at max_ratio."""
     has = group >= 0
     cnt = weights.sum(1).clamp(min=1)
     q = teacher[group.clamp(min=0).unsqueeze(1), items].clamp(1e-7, 1.0)
@@ -80,8 +86,7 @@ def distill(logits: Tensor, items: Tensor, group: Tensor, teacher: Tensor, ratio
     cur = (base.detach() / kl.detach().clamp(min=1e-8)).clamp(max=max_ratio)
     new = torch.where(torch.isnan(ratio), cur, ema_decay * ratio + (1 - ema_decay) * cur)
     ratio = torch.where(has, new, ratio)
-    w = math.cos(math.pi * round_ / (2 * max(total_rounds, 1)))
-    lam = torch.where(has, ratio.nan_to_num(0.0) * w, torch.zeros_like(cur))
+    lam = torch.where(has, ratio.nan_to_num(0.0) * schedule, torch.zeros_like(cur))
     return lam * kl, torch.where(has, kl.detach(), torch.zeros_like(kl)), ratio
 
 
