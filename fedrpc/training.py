@@ -98,8 +98,8 @@ class ClientBatch:
         p = int(np.flatnonzero(self.order == c)[0])
         at = slice(self.step_start[step] + p * self.batch_size,
                    self.step_start[step] + (p + 1) * self.batch_size)
-        v = self.valid[at]
-        return np.append(self.items, 0)[self.rows[at][v]], self.labels[at][v]
+        v = self.valid[at]                  # real samples never name the padding row
+        return self.items[self.rows[at][v]], self.labels[at][v]
 
     def samples(self, c: int) -> tuple[np.ndarray, np.ndarray]:
         """All of client c's samples over its steps, in training order: items, labels."""
@@ -217,6 +217,11 @@ def _objective(backbone: Backbone, batch_size: int, ema_decay: float, max_ratio:
 _COMPILED: dict = {}
 
 
+def has_cxx_compiler() -> bool:
+    """Whether torch.compile can build CPU kernels here (a C++ compiler on PATH)."""
+    return any(shutil.which(c) for c in ("c++", "g++", "clang++"))
+
+
 def step_objective(backbone: Backbone, s: LocalSettings):
     """`_objective` bound to this backbone and round settings; with `s.compile`, compiled
     by torch.compile (dynamic shapes: one graph serves every number of clients; built
@@ -224,10 +229,11 @@ def step_objective(backbone: Backbone, s: LocalSettings):
     fn = functools.partial(_objective, backbone, s.batch_size, s.ema_decay, s.max_ratio)
     if not s.compile:
         return fn
-    key = (type(backbone), backbone.d, getattr(backbone, "alpha", None),
-           getattr(backbone, "beta", None), s.batch_size, s.ema_decay, s.max_ratio)
+    # a backbone's behaviour is its class and its attributes (d, FedRAP's alpha and beta)
+    key = (type(backbone), tuple(sorted(vars(backbone).items())), s.batch_size,
+           s.ema_decay, s.max_ratio)
     if key not in _COMPILED:
-        if not (shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")):
+        if not has_cxx_compiler():
             raise RuntimeError("runtime.compile=true needs a C++ compiler on PATH for "
                                "torch.compile's CPU kernels (c++, g++ or clang++); install "
                                "one or set runtime.compile=false")

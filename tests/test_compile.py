@@ -2,14 +2,14 @@
 numbers whatever the number of workers, and the uncompiled step's numbers within float
 rounding."""
 import json
-import shutil
 
 import pytest
 
 from fedrpc.config import load_config
 from fedrpc.runtime import run_local
+from fedrpc.training import has_cxx_compiler
 
-pytestmark = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+pytestmark = pytest.mark.skipif(not has_cxx_compiler(),
                                 reason="torch.compile's CPU kernels need a C++ compiler")
 
 SMALL = ["data.synthetic.users=30", "data.synthetic.items=50",
