@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.fx.experimental import _config as shape_config
 
 from .config import FedConfig, GFMFRConfig
 from .data.sampling import TRAIN_NEGATIVES, negatives_for_users, user_rng
@@ -100,6 +101,46 @@ class ClientBatch:
                    self.step_start[step] + (p + 1) * self.batch_size)
         v = self.valid[at]                  # real samples never name the padding row
         return self.items[self.rows[at][v]], self.labels[at][v]
+
+    def row_writers(self) -> list[tuple[Tensor, Tensor]]:
+        """For every step, the samples that write its table rows, as positions within the
+        step's block (-1 = none, so that no list is shorter than 2: a compiled step then
+        never meets the sizes 0 and 1 that torch.compile specialises on):
+        - single [U]: the samples whose row no other sample of the step names;
+        - multi [M, R]: for each row named by several samples, those samples down its
+          column in step order (row 0: the first occurrences), padded with -1.
+        Padding samples write nothing. A client's samples of one step are one block, and
+        its rows are its own, so a row's samples within a step are all one client's."""
+        B, pad = self.batch_size, len(self.items)         # padding samples name row K
+        # each block's samples sorted by (row, position): a row's samples end up together,
+        # first occurrence first (rows < 2^54, positions < B)
+        bits = max(1, int(B - 1).bit_length())
+        blocks = self.rows.reshape(-1, B)
+        srt = np.sort((blocks << bits) | np.arange(B), axis=1).reshape(-1)
+        row = srt >> bits
+        slot = np.repeat(np.arange(len(blocks)) * B, B) + (srt & ((1 << bits) - 1))
+        real = row != pad
+        row, ts = row[real], slot[real]
+        blk = ts // B
+        start = np.flatnonzero(np.r_[True, (row[1:] != row[:-1]) | (blk[1:] != blk[:-1])]) \
+            if len(ts) else np.zeros(0, np.int64)
+        size = np.diff(np.r_[start, len(ts)])
+        bounds = np.searchsorted(ts[start], self.step_start)
+        out = []
+        for s in range(len(self.step_start) - 1):
+            a, b, first = bounds[s], bounds[s + 1], self.step_start[s]
+            st, sz = start[a:b], size[a:b]
+            single = ts[st[sz == 1]] - first
+            many = sz > 1
+            m = max(2, int(sz.max(initial=0)))
+            pos = st[many][:, None] + np.arange(m)
+            inside = np.arange(m) < sz[many][:, None]
+            multi = np.where(inside, ts[np.minimum(pos, len(ts) - 1)] - first, -1)
+            single = np.concatenate([single, np.full(max(0, 2 - len(single)), -1)])
+            multi = np.concatenate([multi, np.full((max(0, 2 - len(multi)), m), -1)])
+            out.append((torch.from_numpy(single.astype(np.int64)),
+                        torch.from_numpy(np.ascontiguousarray(multi.T, dtype=np.int64))))
+        return out
 
     def samples(self, c: int) -> tuple[np.ndarray, np.ndarray]:
         """All of client c's samples over its steps, in training order: items, labels."""
@@ -214,6 +255,74 @@ def _objective(backbone: Backbone, batch_size: int, ema_decay: float, max_ratio:
     return ((base + term) * step_scale).sum(), base, kl, ratio
 
 
+def _eager_step(backbone: Backbone, batch_size: int, ema_decay: float, max_ratio: float,
+                tables: dict, dense_store: dict, owner: dict, flat: Tensor, y: Tensor,
+                v: Tensor, single, multi, lr: dict, wd: float, reg_w, *teach):
+    """One local step for n clients, uncompiled: gather the minibatches' table rows
+    (`flat`) and the clients' dense parameters (`owner`), `_objective`'s loss and
+    gradients by autograd, and the SGD step, written in place into `tables` and
+    `dense_store` (`single`, `multi`: unused, see `_compiled_step`). Returns
+    `_objective`'s outputs after the loss."""
+    n, d = y.shape[0], backbone.d
+    rows = {k: t.index_select(0, flat).view(n, -1, d).requires_grad_(True)
+            for k, t in tables.items()}
+    dense = {k: store.index_select(0, owner[k]).requires_grad_(True)
+             for k, store in dense_store.items()}
+    objective, *aux = _objective(backbone, batch_size, ema_decay, max_ratio, rows, dense, y,
+                                 v, reg_w, *teach)
+    grads = torch.autograd.grad(objective, list(rows.values()) + list(dense.values()))
+    with torch.no_grad():
+        for (k, table), g in zip(tables.items(), grads[:len(rows)]):
+            _sgd_rows(table, flat, g.reshape(-1, d), rows[k].detach().reshape(-1, d), lr[k], wd)
+        for (k, p), g in zip(dense.items(), grads[len(rows):]):
+            dense_store[k].index_copy_(0, owner[k], p.detach() - lr[k] * (g + wd * p.detach()))
+    return aux
+
+
+def _compiled_step(backbone: Backbone, batch_size: int, ema_decay: float, max_ratio: float,
+                   tables: dict, dense_store: dict, owner: dict, flat: Tensor, y: Tensor,
+                   v: Tensor, single: Tensor, multi: Tensor, lr: dict, wd: Tensor, reg_w,
+                   teacher=None, items=None, group=None, ratio=None, dist_w=None):
+    """One whole local step for n clients, written to be compiled as one graph: gather
+    the minibatches' table rows and the clients' dense parameters, `_objective`'s loss
+    and gradients (torch.func), and the SGD step, written in place into `tables` and
+    `dense_store`. Returns `_objective`'s outputs after the loss.
+
+    The step is `_sgd_rows`' arithmetic with the row gradients summed per row first:
+    each row named by the step is written once (`single`, `multi`: the samples that name
+    it, see ClientBatch.row_writers), so the update needs no scatter-add, whose compiled
+    form adds atomically, in an order that changes from run to run. Sums are in sample
+    order within the row; they differ from the uncompiled step's by float rounding."""
+    n, d = y.shape[0], backbone.d
+    rows = {k: t.index_select(0, flat).view(n, -1, d) for k, t in tables.items()}
+    dense = {k: store.index_select(0, owner[k]) for k, store in dense_store.items()}
+
+    def loss(rows, dense):
+        out = _objective(backbone, batch_size, ema_decay, max_ratio, rows, dense, y, v,
+                         reg_w, teacher, items, group, ratio, dist_w)
+        return out[0], out[1:]
+
+    (g_rows, g_dense), (_, aux) = torch.func.grad_and_value(loss, argnums=(0, 1), has_aux=True)(
+        rows, dense)
+    pad = tables[next(iter(tables))].shape[0] - 1 if tables else 0   # padding's row
+    writer = torch.cat([single, multi[0]])
+    real = writer >= 0
+    at = torch.where(real, flat.index_select(0, writer.clamp(min=0)), pad)
+    for k, table in tables.items():
+        old, g = rows[k].reshape(-1, d), g_rows[k].reshape(-1, d)
+        # [M, R, d] summed over its first dimension: vector loops along the rows' d
+        gm = torch.where((multi >= 0).unsqueeze(-1), g.index_select(
+            0, multi.clamp(min=0).reshape(-1)).view(*multi.shape, d), 0.0).sum(0)
+        total = torch.cat([g.index_select(0, single.clamp(min=0)), gm])
+        o = old.index_select(0, writer.clamp(min=0))
+        new = torch.where(real.unsqueeze(1), o - lr[k] * (total + wd * o), 0.0)
+        table.index_put_((at,), new)          # padding's row is written its zero
+    for k, store in dense_store.items():
+        p = dense[k]
+        store.index_copy_(0, owner[k], p - lr[k] * (g_dense[k] + wd * p))
+    return aux
+
+
 _COMPILED: dict = {}
 
 
@@ -222,13 +331,10 @@ def has_cxx_compiler() -> bool:
     return any(shutil.which(c) for c in ("c++", "g++", "clang++"))
 
 
-def step_objective(backbone: Backbone, s: LocalSettings):
-    """`_objective` bound to this backbone and round settings; with `s.compile`, compiled
-    by torch.compile (dynamic shapes: one graph serves every number of clients; built
-    once per process and backbone configuration)."""
-    fn = functools.partial(_objective, backbone, s.batch_size, s.ema_decay, s.max_ratio)
-    if not s.compile:
-        return fn
+def compiled_step(backbone: Backbone, s: LocalSettings):
+    """`_compiled_step` bound to this backbone and the settings' constants, compiled by
+    torch.compile (dynamic shapes: one graph serves every number of clients; built once
+    per process and backbone configuration)."""
     # a backbone's behaviour is its class and its attributes (d, FedRAP's alpha and beta)
     key = (type(backbone), tuple(sorted(vars(backbone).items())), s.batch_size,
            s.ema_decay, s.max_ratio)
@@ -237,7 +343,18 @@ def step_objective(backbone: Backbone, s: LocalSettings):
             raise RuntimeError("runtime.compile=true needs a C++ compiler on PATH for "
                                "torch.compile's CPU kernels (c++, g++ or clang++); install "
                                "one or set runtime.compile=false")
-        _COMPILED[key] = torch.compile(fn, dynamic=True)
+        # fullgraph: a step that could not be compiled whole is an error, never a
+        # silent fall back to slower eager code
+        compiled = torch.compile(functools.partial(_compiled_step, backbone, s.batch_size,
+                                                   s.ema_decay, s.max_ratio),
+                                 dynamic=True, fullgraph=True)
+
+        def step(*args):
+            # no size tied to another because they were equal when first traced (the
+            # first step's n clients and the N of the dense store): one graph for all
+            with shape_config.patch(use_duck_shape=False):
+                return compiled(*args)
+        _COMPILED[key] = step
     return _COMPILED[key]
 
 
@@ -289,36 +406,45 @@ def train_clients(backbone: Backbone, global_shared: dict[str, Tensor], state: C
     sum_base = torch.zeros(N, dtype=torch.float64, device=dev)
     sum_kl = torch.zeros(N, dtype=torch.float64, device=dev)
 
-    loss_fn = step_objective(backbone, s)
     reg_w, dist_w = backbone.regulariser_weight(s.round), distill_weight(s.round, s.total_rounds)
-    if s.compile:      # schedule values as tensors: one compiled graph for every round
-        reg_w, dist_w = torch.tensor(reg_w, device=dev), torch.tensor(dist_w, device=dev)
+    lr = {name: s.lr_item if name in global_shared else s.lr_private_item for name in tables}
+    lr.update({name: s.lr for name in dense_store})
+    wd = s.weight_decay
+    if s.compile:
+        step_fn, writers = compiled_step(backbone, s), batch.row_writers()
+        # numbers as tensors: one compiled graph for every round and rate
+        as_t = lambda x: torch.tensor(x, device=dev)
+        reg_w, dist_w, wd, lr = as_t(reg_w), as_t(dist_w), as_t(wd), {k: as_t(x) for k, x in lr.items()}
+    else:
+        step_fn = functools.partial(_eager_step, backbone, s.batch_size, s.ema_decay, s.max_ratio)
     for step in range(int(steps_sorted[0]) if N else 0):
         n = batch.active(step)                              # clients with steps > step
         at = slice(int(batch.step_start[step]), int(batch.step_start[step + 1]))
         flat, y, v = rows_of[at], labels[at].view(n, -1), valid[at].view(n, -1)
-        rows = {name: t.index_select(0, flat).view(n, -1, d).requires_grad_(True)
-                for name, t in tables.items()}
-        dense = {name: store.index_select(0, owner[name][:n]).requires_grad_(True)
-                 for name, store in dense_store.items()}
+        single, multi = (w.to(dev) for w in writers[step]) if s.compile else (None, None)
+        teach = ()
         if teacher is not None:                 # GFMFR's client half
-            it = item_of.index_select(0, flat).view(n, -1)
-            objective, base, kl, ratio[:n] = loss_fn(rows, dense, y, v, reg_w, teacher, it,
-                                                     grp[:n], ratio[:n], dist_w)
-            sum_kl[:n] += kl.double()
-        else:
-            objective, base = loss_fn(rows, dense, y, v, reg_w)
-        sum_base[:n] += base.detach().double()
-        leaves = list(rows.values()) + list(dense.values())
-        grads = torch.autograd.grad(objective, leaves)
-        with torch.no_grad():
-            for (name, table), g in zip(tables.items(), grads[:len(rows)]):
-                lr = s.lr_item if name in global_shared else s.lr_private_item
-                _sgd_rows(table, flat, g.reshape(-1, d), rows[name].detach().reshape(-1, d),
-                          lr, s.weight_decay)
-            for (name, p), g in zip(dense.items(), grads[len(rows):]):
-                dense_store[name].index_copy_(0, owner[name][:n],
-                                              p.detach() - s.lr * (g + s.weight_decay * p.detach()))
+            teach = (teacher, item_of.index_select(0, flat).view(n, -1), grp[:n], ratio[:n],
+                     dist_w)
+        own_n = {k: o[:n] for k, o in owner.items()}
+        if s.compile:
+            # the per-client inputs as copies, not views: torch.compile guards on a view's
+            # base, and would compile again for inputs that are not views. A lone client
+            # (n = 1, a size torch.compile specialises a graph to) runs twice, in the graph
+            # of every other step, so that its numbers never depend on whether it trains
+            # alone: its copy's rows are written by no one, and its dense parameters are
+            # written twice with equal values
+            own = (lambda t: torch.cat([t, t])) if n == 1 else (lambda t: t.clone())
+            flat, y, v = own(flat), own(y), own(v)
+            own_n = {k: own(o) for k, o in own_n.items()}
+            teach = tuple(own(t) if 0 < i < 4 else t for i, t in enumerate(teach))
+        out = step_fn(tables, dense_store, own_n, flat, y, v, single, multi, lr, wd, reg_w,
+                      *teach)
+        out = [o[:n] for o in out]
+        sum_base[:n] += out[0].detach().double()
+        if teacher is not None:
+            sum_kl[:n] += out[1].double()
+            ratio[:n] = out[2]
 
     state.ratio[slots] = ratio
     cpu = lambda t: t.to("cpu")        # uploads cross between ranks on the CPU
