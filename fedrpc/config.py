@@ -452,11 +452,11 @@ class RuntimeConfig:
     evaluation needs only the aggregated model). Not with gfmfr.content_prior > 0, which
     changes that model after fusion, nor over MPI without MPI_THREAD_MULTIPLE."""
     compile: bool = False
-    """Compile each local-training step's loss and its gradients with torch.compile
-    (inductor: fused C++ loops on CPU, Triton kernels on CUDA; needs a C++ compiler).
-    The first rounds of a process pay the compilation (tens of seconds per graph on a
-    small CPU). Results equal the uncompiled step's within float rounding, and are the
-    same whatever the number of workers."""
+    """Compile each whole local-training step (row gathers, loss, gradients and the SGD
+    update) with torch.compile (inductor: fused C++ loops on CPU, Triton kernels on
+    CUDA; needs a C++ compiler). The first two rounds of a process pay the compilation
+    (10-20 s each on a small CPU). Results equal the uncompiled step's within float
+    rounding, and are the same whatever the number of workers."""
 
     def validate(self, key: str) -> None:
         check(self.startup_timeout_s > 0, f"{key}.startup_timeout_s", "must be > 0")
