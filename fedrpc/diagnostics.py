@@ -36,9 +36,9 @@ class _Recording(GFMFR):
     table per client)."""
     last = None
 
-    def teacher(self, state, fused, up, labels):
+    def teacher(self, state, fused, up, labels, targets=None):
         self.last = (fused, up, labels)
-        return super().teacher(state, fused, up, labels)
+        return super().teacher(state, fused, up, labels, targets)
 
 
 def _teachers(srv: Server) -> dict[str, torch.Tensor]:
