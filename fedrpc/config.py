@@ -301,13 +301,6 @@ class GFMFRConfig:
     sigmoid(F_k w_out + b_out) with the group's averaged output layer, the paper's
     formula — for the MLP backbones it applies w2, which weighs hidden units, to item
     embeddings and ranks held-out items below random. Identical for fedavgmf and pfedrec."""
-    teacher_scale: Literal["none", "targets"] = "none"
-    """fedrpc's extension (none = the paper's teacher): targets = each group's teacher
-    logits shifted and scaled to the mean and spread over items of the same scoring of
-    the group's fusion targets C_bar_k. The teacher keeps the content's order of the
-    items without the shrinkage of the fused embeddings (a regression of C_bar_k from
-    content predicts values closer together than C_bar_k's), which otherwise pulls the
-    clients' scores together round after round."""
     max_ratio: float = 1.0
     """Cap of the ratio L_base / KL (the distillation weight before the cosine schedule);
     0 = no distillation (grouping and fusion still run)."""

@@ -36,9 +36,9 @@ class _Recording(GFMFR):
     table per client)."""
     last = None
 
-    def teacher(self, state, fused, up, labels, targets=None):
+    def teacher(self, state, fused, up, labels):
         self.last = (fused, up, labels)
-        return super().teacher(state, fused, up, labels, targets)
+        return super().teacher(state, fused, up, labels)
 
 
 def _teachers(srv: Server) -> dict[str, torch.Tensor]:

@@ -355,7 +355,7 @@ class GFMFR:
                                text_mask=masks[0], image_mask=masks[1])
         fused = alg.fused_items(fz, text, image, masks,
                                 torch.arange(g.groups, device=dev)).to("cpu")
-        state.teacher = self.teacher(state, fused, up, labels, targets)
+        state.teacher = self.teacher(state, fused, up, labels)
         sizes = np.bincount(labels, minlength=g.groups)
         shift = self.content_prior(state, fused, sizes, info["group_ok"])
         t["fusion"] = time.perf_counter() - tic
@@ -387,16 +387,9 @@ class GFMFR:
         state.shared = {**state.shared, name: table + change}
         return float(change.pow(2).mean().sqrt())
 
-    def teacher(self, state, fused: Tensor, up: TrainReply, labels: np.ndarray,
-                targets: Optional[Tensor] = None) -> Tensor:
-        """g_k over all items from the fused embeddings and the group's averaged head;
-        with gfmfr.teacher_scale=targets, each group's logits shifted and scaled to the
-        mean and spread of the same scoring of its fusion targets `targets` [G, I, d]."""
-        g = self.cfg.gfmfr
-        logits = self.group_logits(state, fused, up, labels, g.teacher)
-        if g.teacher_scale == "targets" and targets is not None:
-            ref = self.group_logits(state, targets.to(fused.dtype), up, labels, g.teacher)
-            logits = match_spread(logits, ref)
+    def teacher(self, state, fused: Tensor, up: TrainReply, labels: np.ndarray) -> Tensor:
+        """g_k over all items from the fused embeddings and the group's averaged head."""
+        logits = self.group_logits(state, fused, up, labels, self.cfg.gfmfr.teacher)
         return torch.sigmoid(logits).clamp(1e-7, 1 - 1e-7)
 
     def group_logits(self, state, E: Tensor, up: TrainReply, labels: np.ndarray,
@@ -425,17 +418,6 @@ class GFMFR:
                                            fusion=g.fusion).to(self.device)
             state.fusion_opt = alg.make_fusion_optimizer(state.fusion, g.fusion_lr)
         return state.fusion, state.fusion_opt
-
-
-def match_spread(x: Tensor, ref: Tensor) -> Tensor:
-    """Each row of `x` [G, I] shifted and scaled to the mean and standard deviation over
-    its items of the same row of `ref`: the order of x, the scale of ref. A row of x
-    with no spread (a teacher without content predicts one embedding for every item)
-    becomes ref's mean."""
-    mx, sx = x.mean(1, keepdim=True), x.std(1, keepdim=True)
-    mr, sr = ref.mean(1, keepdim=True), ref.std(1, keepdim=True)
-    flat = sx <= 1e-6 * (1 + mx.abs())
-    return mr + torch.where(flat, 0.0, (x - mx) * (sr / torch.where(flat, 1.0, sx)))
 
 
 def _group_means(values: Tensor, labels: np.ndarray, n_groups: int, fallback: Tensor) -> Tensor:
