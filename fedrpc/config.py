@@ -129,12 +129,6 @@ class DataConfig:
     them, and evaluation also ranks among the cold items alone (metrics prefixed cold:)."""
     cold_item_share: float = 0.1
     """split=cold_items: share of the items that are cold (seeded by run.seed)."""
-    cold_negatives: bool = True
-    """split=cold_items: whether clients draw the cold items as training negatives.
-    false = the cold items are new items, known to be new: no client draws them, so
-    their rows keep what the server sends (the initial values, or with
-    gfmfr.content_prior the content's prediction) instead of being pushed below every
-    trained row."""
     max_train_per_user: int = 0
     """Keep only each user's K most recent training interactions (0 = all); K=5 gives the
     density of Amazon 5-core data. Applied after the split: held-out items are unchanged."""
@@ -153,8 +147,6 @@ class DataConfig:
             check(value is None or value >= 0, f"{key}.{name}", "must be >= 0")
         check(0.0 < self.cold_item_share < 1.0, f"{key}.cold_item_share", "must be in (0, 1)")
         check(self.max_train_per_user >= 0, f"{key}.max_train_per_user", "must be >= 0")
-        check(self.cold_negatives or self.split == "cold_items", f"{key}.cold_negatives",
-              "false needs data.split=cold_items (there are no cold items otherwise)")
 
     def k_core(self) -> tuple[int, int]:
         """(min user, min item interactions), the format's defaults where left empty."""

@@ -61,8 +61,6 @@ class LocalSettings:
     ema_decay: float = _GFMFR.ema_decay
     max_ratio: float = _GFMFR.max_ratio
     compile: bool = False            # runtime.compile: the step's objective by torch.compile
-    new_items: Optional[np.ndarray] = None   # items never drawn as negatives (sorted):
-                                             # data.cold_negatives=false
 
 
 @dataclass
@@ -158,14 +156,12 @@ def build_client_batches(users: np.ndarray, train_indptr: np.ndarray, train_item
     Negatives come from the items outside the client's training positives. Held-out
     (validation / test) items are unknown to training and may be drawn: excluding them
     would leak them, since a model with per-user item rows (FedRAP's P_u) would learn that
-    the only items never pushed down are the held-out ones. `s.new_items` are the
-    exception: items the clients know to be new (data.cold_negatives=false) are never
-    drawn.
+    the only items never pushed down are the held-out ones.
     """
     pos = [train_items[train_indptr[u]:train_indptr[u + 1]] for u in users.tolist()]
     counts = np.array([len(p) * s.num_negatives for p in pos], dtype=np.int64)
     negs = negatives_for_users(s.seed, s.round, users, n_items, train_indptr, train_items,
-                               counts, TRAIN_NEGATIVES, s.new_items)
+                               counts, TRAIN_NEGATIVES)
     n_samples = np.array([len(p) + len(q) for p, q in zip(pos, negs)], dtype=np.int64)
     per_epoch = -(-n_samples // s.batch_size)
     steps = per_epoch * s.epochs

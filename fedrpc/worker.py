@@ -78,9 +78,7 @@ class Worker:
                              round=req.round, total_rounds=f.rounds,
                              ema_decay=self.cfg.gfmfr.ema_decay,
                              max_ratio=self.cfg.gfmfr.max_ratio,
-                             compile=self.cfg.runtime.compile,
-                             new_items=(self.split.cold_items
-                                        if not self.cfg.data.cold_negatives else None))
+                             compile=self.cfg.runtime.compile)
 
     def train(self, req: TrainRequest) -> TrainReply:
         self.state.begin_round(req.round, req.users)   # undone if the round fails

@@ -410,25 +410,3 @@ def test_ml100k_stats(ml100k_path):
     c = stats["content"]
     assert c["items_with_image"] == 1663 and c["items_missing_image"] == 19
     assert c["items_with_overview"] == 1664
-
-
-def test_new_cold_items_are_never_drawn_as_negatives():
-    """data.cold_negatives=false: no client draws a cold item as a training negative; by
-    default clients draw them like any other item outside their positives; and the
-    option is refused without cold items."""
-    from fedrpc.messages import TrainRequest
-    from fedrpc.training import build_client_batches
-    from fedrpc.worker import Worker
-
-    def drawn(*over):
-        cfg = load_config(None, ["data.split=cold_items", "data.cold_item_share=0.2", *over])
-        w = Worker(cfg, 1, 1)
-        s = w.settings(TrainRequest(0, w.users, {}, 0.1, 1.0, 1.0))
-        b = build_client_batches(w.users, w.split.train_indptr, w.split.train_items,
-                                 w.n_items, s)
-        return np.isin(b.items, w.split.cold_items).sum()
-
-    assert drawn() > 0
-    assert drawn("data.cold_negatives=false") == 0
-    with pytest.raises(ValueError, match="cold_negatives"):
-        load_config(None, ["data.cold_negatives=false"])

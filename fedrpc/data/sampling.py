@@ -2,8 +2,6 @@
 are the same whichever process draws them and fresh every round."""
 from __future__ import annotations
 
-from typing import Optional
-
 import numpy as np
 
 # Purposes keep the streams of one (seed, round, user) apart.
@@ -34,17 +32,13 @@ def sample_negatives(rng: np.random.Generator, n_items: int, exclude: np.ndarray
 
 def negatives_for_users(seed: int, round_: int, users: np.ndarray, n_items: int,
                         exclude_indptr: np.ndarray, exclude_items: np.ndarray,
-                        counts: np.ndarray, purpose: int = TRAIN_NEGATIVES,
-                        never: Optional[np.ndarray] = None) -> list[np.ndarray]:
+                        counts: np.ndarray, purpose: int = TRAIN_NEGATIVES) -> list[np.ndarray]:
     """Negatives for each user in `users` (counts[j] of them for users[j]).
 
-    `exclude_indptr/exclude_items` is a CSR of each user's known items (sorted); `never`
-    (sorted): items no user draws.
+    `exclude_indptr/exclude_items` is a CSR of each user's known items (sorted).
     """
     out = []
     for u, c in zip(users.tolist(), counts.tolist()):
         excl = exclude_items[exclude_indptr[u]:exclude_indptr[u + 1]]
-        if never is not None:
-            excl = np.union1d(excl, never)
         out.append(sample_negatives(user_rng(seed, round_, u, purpose), n_items, excl, c))
     return out
