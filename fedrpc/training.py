@@ -60,7 +60,7 @@ class LocalSettings:
     total_rounds: int = 1
     ema_decay: float = _GFMFR.ema_decay
     max_ratio: float = _GFMFR.max_ratio
-    compile: bool = False            # runtime.compile: the step's objective by torch.compile
+    compile: bool = False            # runtime.compile: each whole step by torch.compile
 
 
 @dataclass
@@ -422,11 +422,10 @@ def train_clients(backbone: Backbone, global_shared: dict[str, Tensor], state: C
         at = slice(int(batch.step_start[step]), int(batch.step_start[step + 1]))
         flat, y, v = rows_of[at], labels[at].view(n, -1), valid[at].view(n, -1)
         single, multi = (w.to(dev) for w in writers[step]) if s.compile else (None, None)
-        teach = ()
-        if teacher is not None:                 # GFMFR's client half
-            teach = (teacher, item_of.index_select(0, flat).view(n, -1), grp[:n], ratio[:n],
-                     dist_w)
         own_n = {k: o[:n] for k, o in owner.items()}
+        per_client = [flat, y, v]
+        if teacher is not None:                 # GFMFR's client half
+            per_client += [item_of.index_select(0, flat).view(n, -1), grp[:n], ratio[:n]]
         if s.compile:
             # the per-client inputs as copies, not views: torch.compile guards on a view's
             # base, and would compile again for inputs that are not views. A lone client
@@ -435,9 +434,10 @@ def train_clients(backbone: Backbone, global_shared: dict[str, Tensor], state: C
             # alone: its copy's rows are written by no one, and its dense parameters are
             # written twice with equal values
             own = (lambda t: torch.cat([t, t])) if n == 1 else (lambda t: t.clone())
-            flat, y, v = own(flat), own(y), own(v)
+            per_client = [own(t) for t in per_client]
             own_n = {k: own(o) for k, o in own_n.items()}
-            teach = tuple(own(t) if 0 < i < 4 else t for i, t in enumerate(teach))
+        flat, y, v, *clients_teach = per_client
+        teach = (teacher, *clients_teach, dist_w) if teacher is not None else ()
         out = step_fn(tables, dense_store, own_n, flat, y, v, single, multi, lr, wd, reg_w,
                       *teach)
         out = [o[:n] for o in out]

@@ -3,11 +3,17 @@ numbers whatever the number of workers, and the uncompiled step's numbers within
 rounding."""
 import json
 
+import numpy as np
 import pytest
+import torch
 
 from fedrpc.config import load_config
+from fedrpc.data import load_interactions, split_of
+from fedrpc.models import make_backbone
+from fedrpc.rows import Rows
 from fedrpc.runtime import run_local
-from fedrpc.training import has_cxx_compiler
+from fedrpc.state import ClientStore
+from fedrpc.training import LocalSettings, build_client_batches, has_cxx_compiler, train_clients
 
 pytestmark = pytest.mark.skipif(not has_cxx_compiler(),
                                 reason="torch.compile's CPU kernels need a C++ compiler")
@@ -45,15 +51,6 @@ def test_compiled_round_equals_eager_and_is_the_same_one_client_at_a_time():
     """One round of local training, compiled: within float rounding of the uncompiled
     round (weight decay on, a teacher, rows repeated within minibatches), and the same
     to the bit whether the clients train together or one at a time."""
-    import numpy as np
-    import torch
-
-    from fedrpc.data import load_interactions, split_of
-    from fedrpc.models import make_backbone
-    from fedrpc.rows import Rows
-    from fedrpc.state import ClientStore
-    from fedrpc.training import LocalSettings, build_client_batches, train_clients
-
     cfg = load_config(None, ["data.synthetic.users=16", "data.synthetic.items=40",
                              "data.synthetic.mean_interactions=12",
                              "data.synthetic.min_interactions=5"])
