@@ -99,14 +99,26 @@ def test_one_workers_sorted_uploads_are_stacked_without_a_copy():
     assert torch.equal(up.shared["C"].dense(), tables)
 
 
-def test_finite_rows_checked_chunk_by_chunk_give_the_same_answer(monkeypatch):
+def test_a_table_is_finite_unless_a_value_is_nan_or_infinite():
+    """Every non-finite value is found, and a finite row whose sum overflows float32 is
+    still finite."""
     base, tables = _tables()
-    tables[1, 4, 0], tables[3, 0, 2] = float("nan"), float("inf")
+    tables[1, 4, 0], tables[3, 0, 2], tables[2, 1, 1] = float("nan"), float("inf"), float("-inf")
+    tables[4, 2] = 3e38                       # finite values, their sum is inf
     rows = Rows.from_dense(tables, base)
-    whole = rows.finite()
-    monkeypatch.setattr(rows_module, "CHUNK_ROWS", 2)
-    assert torch.equal(rows.finite(), whole)
-    assert whole.tolist() == [True, False, True, False, True]
+    assert rows.finite().tolist() == [True, False, False, False, True]
+
+
+def test_row_reductions_do_not_depend_on_the_chunk_size(monkeypatch):
+    """The group sums and distances are bit-identical whatever the chunk size."""
+    base, tables = _tables()
+    rows = Rows.from_dense(tables, base)
+    groups, weights = torch.tensor([1, 0, 1, 2, 0]), torch.tensor([1.0, 2.0, 0.5, 1.0, 3.0])
+    whole = rows.weighted_sums(groups, 3, weights), rows.sq_dist(base * 0.5)
+    monkeypatch.setattr(rows_module, "CHUNK_BYTES", 8 * tables.shape[2] * 2)   # 2 rows
+    chunked = rows.weighted_sums(groups, 3, weights), rows.sq_dist(base * 0.5)
+    assert torch.equal(whole[0][0], chunked[0][0]) and torch.equal(whole[0][1], chunked[0][1])
+    assert torch.equal(whole[1], chunked[1])
 
 
 def test_stacking_a_workers_chunks_frees_each_chunk_once_copied():
