@@ -180,18 +180,22 @@ class GroupFusion(nn.Module):
         return self.fusion(tokens, mask)
 
     def grid(self, group_idx: Tensor, item_idx: Tensor, T: Tensor, V: Tensor,
-             text_mask: Optional[Tensor] = None, image_mask: Optional[Tensor] = None
-             ) -> Tensor:
+             text_mask: Optional[Tensor] = None, image_mask: Optional[Tensor] = None,
+             zeroed: bool = False) -> Tensor:
         """F_k[i] for every pair of group_idx [G'] x item_idx [B]: [G', B, d], equal to
         `forward` on those pairs. Each item's features are projected once, not once per
-        group; the MLP fusion's first layer splits the same way (MLPFusion.grid)."""
+        group; the MLP fusion's first layer splits the same way (MLPFusion.grid).
+        `zeroed`: T and V already hold zeros in their missing rows (`zero_missing`), so
+        the gathered rows need no masking before projection."""
         self._check(T, V)
         n = item_idx.shape[0]
         ones = torch.ones(n, dtype=torch.bool, device=item_idx.device)
-        m_t = ones if text_mask is None else text_mask[item_idx]
-        m_v = ones if image_mask is None else image_mask[item_idx]
-        t = torch.where(m_t.unsqueeze(-1), T[item_idx], 0.0)
-        v = torch.where(m_v.unsqueeze(-1), V[item_idx], 0.0)
+        m_t = ones if text_mask is None else text_mask.index_select(0, item_idx)
+        m_v = ones if image_mask is None else image_mask.index_select(0, item_idx)
+        t, v = T.index_select(0, item_idx), V.index_select(0, item_idx)
+        if not zeroed:
+            t = torch.where(m_t.unsqueeze(-1), t, 0.0)
+            v = torch.where(m_v.unsqueeze(-1), v, 0.0)
         h_t = self.proj_text(t) * m_t.unsqueeze(-1)
         h_v = self.proj_image(v) * m_v.unsqueeze(-1)
         h_g = self.proj_group(self.group_emb(group_idx))
@@ -202,6 +206,14 @@ class GroupFusion(nn.Module):
                               h_v.expand(g, n, -1)], dim=2).reshape(g * n, N_TOKENS, -1)
         mask = torch.stack([ones, m_t, m_v], dim=1).expand(g, n, N_TOKENS)
         return self.fusion(tokens, mask.reshape(g * n, N_TOKENS)).reshape(g, n, -1)
+
+
+def zero_missing(features: Tensor, mask: Optional[Tensor]) -> Tensor:
+    """`features` with the rows of missing items (mask False) set to zero, NaN rows
+    included; the tensor itself when nothing is missing."""
+    if mask is None or bool(mask.all()):
+        return features
+    return torch.where(mask.unsqueeze(-1), features, 0.0)
 
 
 Masks = Optional[tuple[Optional[Tensor], Optional[Tensor]]]
@@ -218,11 +230,13 @@ def fused_items(model: GroupFusion, T: Tensor, V: Tensor, masks: Masks,
     if groups.numel() == 0 or n_items == 0:
         return T.new_zeros((groups.numel(), n_items, model.latent_dim))
     step = max(1, batch_size // groups.numel())
+    T, V = zero_missing(T, text_mask), zero_missing(V, image_mask)
     was_training = model.training
     model.eval()
     try:
         out = [model.grid(groups, torch.arange(s, min(s + step, n_items), device=T.device),
-                          T, V, text_mask, image_mask) for s in range(0, n_items, step)]
+                          T, V, text_mask, image_mask, zeroed=True)
+               for s in range(0, n_items, step)]
     finally:
         model.train(was_training)
     return torch.cat(out, dim=1)
@@ -236,12 +250,14 @@ def make_fusion_optimizer(model: nn.Module, lr: float = 1e-3) -> torch.optim.Opt
 
 def _epoch(model, optimizer, T, V, targets, groups, order, n_steps, masks):
     """One pass over all pairs of `groups` x items, in `n_steps` minibatches of all the
-    groups x a block of the items in `order`; returns (mean loss, finite?)."""
+    groups x a block of the items in `order` (T and V with their missing rows zeroed);
+    returns (mean loss, finite?)."""
     total, count = 0.0, 0
     for items in torch.tensor_split(order, n_steps):
         if items.numel() == 0:
             continue
-        loss = F_.mse_loss(model.grid(groups, items, T, V, *masks), targets[:, items])
+        loss = F_.mse_loss(model.grid(groups, items, T, V, *masks, zeroed=True),
+                           targets.index_select(1, items))
         if not torch.isfinite(loss):
             return float("nan"), False
         optimizer.zero_grad(set_to_none=True)
@@ -285,6 +301,7 @@ def train_fusion(model: GroupFusion, optimizer: torch.optim.Optimizer, T: Tensor
     pairs = groups.numel() * n_items
     n_steps = min(n_items, -(-pairs // max(1, batch_size)))
     targets = targets[groups]               # [G', I, d]: indexed once, not every step
+    T, V = zero_missing(T, text_mask), zero_missing(V, image_mask)     # once, not every step
     gen = torch.Generator().manual_seed(int(seed))
     losses, nonfinite = [], False
     model.train()
