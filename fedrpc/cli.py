@@ -1,5 +1,5 @@
 """Command line: `fedrpc run | encode | data stats | baseline | bench train | bench round |
-bench scale | diagnose teacher | config reference | report`
+bench scale | diagnose teacher | diagnose content | config reference | report`
 (also `python -m fedrpc`)."""
 from __future__ import annotations
 
@@ -251,6 +251,21 @@ def _cmd_diagnose_teacher(args) -> int:
     return 0
 
 
+def _cmd_diagnose_content(args) -> int:
+    from .diagnostics import diagnose_content
+    from .reporting import write_json
+    cfg = load_config(args.config, args.overrides)
+    try:
+        records = diagnose_content(cfg, args.checkpoint, args.folds)
+    except ValueError as e:                      # a bad --folds or --checkpoint
+        print(f"fedrpc: error: {e}", file=sys.stderr)
+        return 2
+    out = Path(cfg.run.out_dir) / "content_diagnostics.json"
+    write_json(out, records)
+    print(f"written: {out}")
+    return 0
+
+
 def _cmd_report(args) -> int:
     from .report import write_report
     try:
@@ -317,6 +332,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(dt)
     dt.add_argument("--every", type=int, default=5, help="check every N rounds")
     dt.set_defaults(func=_cmd_diagnose_teacher)
+    dc = dg.add_parser("content", help="how well the item content predicts what the "
+                                       "interactions teach (cross-validated ridge R^2)")
+    _add_config_args(dc)
+    dc.add_argument("--checkpoint", default=None, metavar="DIR",
+                    help="also the item table of this checkpoint folder "
+                         "(run.out_dir/checkpoints/round-NNNNNN, same data and backbone)")
+    dc.add_argument("--folds", type=int, default=5, help="cross-validation folds over items")
+    dc.set_defaults(func=_cmd_diagnose_content)
 
     cf = _command_group(sub, "config", "the configuration keys")
     cr = cf.add_parser("reference", help="every key, its default and meaning (Markdown)")

@@ -1,4 +1,6 @@
-"""`fedrpc diagnose teacher`: is the group-fusion teacher worth distilling from?
+"""Diagnostics: `fedrpc diagnose teacher` and `fedrpc diagnose content`.
+
+`diagnose teacher` — is the group-fusion teacher worth distilling from?
 
 Runs the federation in this process (the in-process transport) and, every `every`
 rounds, scores each user's items with candidate teachers of its group and evaluates them
@@ -14,20 +16,39 @@ like a recommender (test split, full ranking, the run's metrics):
 
 A teacher below popularity can only pull the students towards something worse than
 what they already know.
+
+`diagnose content` — can the item content predict what the interactions teach?
+
+Before any training: a ridge regression from the content features (text, image, both)
+to what collaborative filtering learns about items, its R^2 cross-validated over items
+(k folds, seeded): the items' log training popularity, their factors in the training
+interactions (the top fed.latent_dim right singular vectors of the binary user x item
+training matrix, scaled by the singular values; items with an interaction), and, given a
+checkpoint, the item table a run learnt (the same items). R^2 <= 0 means the content
+predicts the target no better than the target's mean: whatever the content then adds
+to a model cannot come from what the interactions teach. Interactions are read here, so
+this is a diagnostic for the data's owner, never a federated computation.
 """
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
 import torch
 
 from . import algorithms as alg
 from .baselines import popularity_scores
 from .config import Config
 from .data import load_interactions
+from .data.dataset import catalogue_of, split_of
+from .data.types import DataError
 from .metrics import evaluate_users, finalize
 from .runtime import rank_device, server_features
 from .server import Server
-from .strategy import GFMFR
+from .strategy import GFMFR, make_backbone_from
 from .transport.local import LocalTransport
+from .state import SERVER_FILE, read_checkpoint
 from .worker import Worker
 
 
@@ -102,3 +123,114 @@ def _format(res: dict, k: int) -> str:
         if isinstance(m, dict):
             lines.append(f"  {name:<28} {m[f'HR@{k}']:.4f} / {m[f'NDCG@{k}']:.4f}")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------- diagnose content
+RIDGE_ALPHAS = (1.0, 10.0, 100.0, 1e3, 1e4)
+
+
+def _standardised(x: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """Columns to zero mean and unit variance over the items that have the modality;
+    items without it are all zeros."""
+    x = x.double()
+    mu, sd = x[present].mean(0), x[present].std(0).clamp_min(1e-12)
+    return torch.where(present[:, None], (x - mu) / sd, torch.zeros((), dtype=x.dtype))
+
+
+def ridge_cv_r2(X: torch.Tensor, Y: torch.Tensor, folds: int, seed: int,
+                alphas=RIDGE_ALPHAS) -> dict[float, float]:
+    """Out-of-fold R^2 of a ridge regression X -> Y (both [n, *]) at each penalty alpha:
+    1 - sum of squared errors / sum of squares around each training fold's mean (so a
+    constant prediction scores <= 0). One eigendecomposition per fold serves every alpha."""
+    n = X.shape[0]
+    order = np.random.default_rng([seed, 0xC0DE]).permutation(n)
+    sse = {a: 0.0 for a in alphas}
+    sst = 0.0
+    for part in np.array_split(order, folds):
+        test = torch.from_numpy(np.sort(part))
+        train = torch.from_numpy(np.setdiff1d(order, part))
+        mx, my = X[train].mean(0), Y[train].mean(0)
+        xt, yt = X[train] - mx, Y[train] - my
+        evals, evecs = torch.linalg.eigh(xt.T @ xt)
+        proj = evecs.T @ (xt.T @ yt)
+        xv = (X[test] - mx) @ evecs
+        sst += float((Y[test] - my).pow(2).sum())
+        for a in alphas:
+            pred = xv @ (proj / (evals.clamp_min(0) + a)[:, None])
+            sse[a] += float((Y[test] - my - pred).pow(2).sum())
+    return {a: 1.0 - sse[a] / sst for a in alphas}
+
+
+def interaction_factors(split, k: int, seed: int) -> tuple[np.ndarray, torch.Tensor]:
+    """Items with a training interaction, and their top-k factors V_k S_k of the binary
+    user x item training matrix (randomised SVD, seeded)."""
+    users = np.repeat(np.arange(split.n_users), np.diff(split.train_indptr))
+    m = torch.sparse_coo_tensor(torch.from_numpy(np.stack([users, split.train_items])),
+                                torch.ones(len(users), dtype=torch.float64),
+                                (split.n_users, split.n_items), check_invariants=True).coalesce()
+    m = torch.sparse_coo_tensor(m.indices(), torch.ones_like(m.values()), m.shape,
+                                check_invariants=True)
+    trained = np.flatnonzero(np.bincount(split.train_items, minlength=split.n_items))
+    k = max(1, min(k, len(trained) - 1, split.n_users - 1))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        _, s, v = torch.svd_lowrank(m, q=k, niter=6)
+    return trained, (v * s)[torch.from_numpy(trained)]
+
+
+def _checkpoint_table(cfg: Config, folder: Path, n_items: int) -> torch.Tensor:
+    read_checkpoint(folder)                          # every file against its hash
+    shared = torch.load(folder / SERVER_FILE, weights_only=True)["shared"]
+    name = make_backbone_from(cfg).item_table
+    if name not in shared:
+        raise DataError(f"{folder}: the checkpoint has no item table {name!r} "
+                        f"(fed.backbone={cfg.fed.backbone}; was it written by another backbone?)")
+    table = shared[name].double()
+    if table.shape[0] < n_items:
+        raise DataError(f"{folder}: its item table has {table.shape[0]} rows, the data "
+                        f"{n_items} items (a checkpoint of other data?)")
+    return table[:n_items]
+
+
+def diagnose_content(cfg: Config, checkpoint: Optional[str] = None, folds: int = 5,
+                     progress=print) -> list[dict]:
+    """One record per (target, feature set): items, the best penalty and its R^2, and the
+    R^2 at every penalty tried."""
+    if folds < 2:
+        raise ValueError(f"--folds must be >= 2, got {folds}")
+    inter = load_interactions(cfg)
+    split = split_of(cfg, inter)
+    fx = server_features(cfg, catalogue_of(cfg, inter))
+    sets = {}
+    if bool(fx.text_mask.any()):
+        sets["text"] = _standardised(fx.text, fx.text_mask)
+    if bool(fx.image_mask.any()):
+        sets["image"] = _standardised(fx.image, fx.image_mask)
+    if not sets:
+        raise DataError("no content features to diagnose: the data has no item texts or "
+                        "images, or encoder.text.backend / encoder.image.backend are none")
+    if len(sets) == 2:
+        sets["text+image"] = torch.cat([sets["text"], sets["image"]], 1)
+
+    n = inter.n_items
+    counts = np.bincount(split.train_items, minlength=n)
+    trained, factors = interaction_factors(split, cfg.fed.latent_dim, cfg.run.seed)
+    targets = {"log training popularity": (np.arange(n), torch.from_numpy(np.log1p(counts))[:, None]),
+               f"interaction factors (k={factors.shape[1]})": (trained, factors)}
+    if checkpoint:
+        table = _checkpoint_table(cfg, Path(checkpoint), n)
+        targets[f"item table of {checkpoint}"] = (trained, table[torch.from_numpy(trained)])
+    records = []
+    for tname, (items, Y) in targets.items():
+        if len(items) < folds:
+            raise DataError(f"{tname}: {len(items)} items, fewer than --folds {folds}")
+        for fname, X in sets.items():
+            r2 = ridge_cv_r2(X[torch.from_numpy(items)], Y.double(), folds, cfg.run.seed)
+            best = max(r2, key=r2.get)
+            rec = {"target": tname, "features": fname, "items": int(len(items)),
+                   "dims": int(X.shape[1]), "best_alpha": best, "r2": r2[best],
+                   "r2_by_alpha": {str(a): v for a, v in r2.items()}}
+            records.append(rec)
+            progress(f"{tname:<40} {fname:<11} items {len(items):6d}  cv R^2 {r2[best]:+.3f} "
+                     f"(alpha {best:g})")
+    return records
