@@ -48,7 +48,7 @@ from .runtime import rank_device, server_features
 from .server import Server
 from .strategy import GFMFR, make_backbone_from
 from .transport.local import LocalTransport
-from .state import SERVER_FILE, read_checkpoint
+from .state import SERVER_FILE, read_checkpoint, result_config
 from .worker import Worker
 
 
@@ -179,7 +179,19 @@ def interaction_factors(split, k: int, seed: int) -> tuple[np.ndarray, torch.Ten
 
 
 def _checkpoint_table(cfg: Config, folder: Path, n_items: int) -> torch.Tensor:
-    read_checkpoint(folder)                          # every file against its hash
+    if not folder.is_dir():
+        raise DataError(f"{folder}: no such checkpoint folder (give "
+                        f"run.out_dir/checkpoints/round-NNNNNN)")
+    saved = read_checkpoint(folder)["config"]        # every file against its hash
+    current = result_config(cfg, {})
+    same = ["fed.backbone", "fed.latent_dim"] + [k for k in current if k.startswith("data.")]
+    if cfg.data.split == "cold_items":
+        same.append("run.seed")                      # it picks the cold items
+    diff = [k for k in same if k in saved and saved[k] != current[k]]
+    if diff:
+        raise DataError(f"{folder}: written with other data or another model: "
+                        + ", ".join(f"{k} ({saved[k]!r} there, {current[k]!r} here)"
+                                    for k in diff))
     shared = torch.load(folder / SERVER_FILE, weights_only=True)["shared"]
     name = make_backbone_from(cfg).item_table
     if name not in shared:
@@ -200,6 +212,9 @@ def diagnose_content(cfg: Config, checkpoint: Optional[str] = None, folds: int =
         raise ValueError(f"--folds must be >= 2, got {folds}")
     inter = load_interactions(cfg)
     split = split_of(cfg, inter)
+    n = inter.n_items
+    # a bad checkpoint fails before the (possibly long) encoding
+    table = _checkpoint_table(cfg, Path(checkpoint), n) if checkpoint else None
     fx = server_features(cfg, catalogue_of(cfg, inter))
     sets = {}
     if bool(fx.text_mask.any()):
@@ -212,13 +227,11 @@ def diagnose_content(cfg: Config, checkpoint: Optional[str] = None, folds: int =
     if len(sets) == 2:
         sets["text+image"] = torch.cat([sets["text"], sets["image"]], 1)
 
-    n = inter.n_items
     counts = np.bincount(split.train_items, minlength=n)
     trained, factors = interaction_factors(split, cfg.fed.latent_dim, cfg.run.seed)
     targets = {"log training popularity": (np.arange(n), torch.from_numpy(np.log1p(counts))[:, None]),
                f"interaction factors (k={factors.shape[1]})": (trained, factors)}
-    if checkpoint:
-        table = _checkpoint_table(cfg, Path(checkpoint), n)
+    if table is not None:
         targets[f"item table of {checkpoint}"] = (trained, table[torch.from_numpy(trained)])
     records = []
     for tname, (items, Y) in targets.items():

@@ -73,10 +73,16 @@ def test_content_diagnostic_reads_the_item_table_of_a_checkpoint(tmp_path):
     assert len(table) == 3 and all(r["items"] == factors[0]["items"] for r in table)
     assert all(np.isfinite(r["r2"]) for r in table)
     other = load_config(None, CONTENT + ["fed.backbone=fedrap", f"run.out_dir={tmp_path}"])
-    with pytest.raises(DataError, match="no item table 'C'"):
+    with pytest.raises(DataError, match="fed.backbone \\('fedavgmf' there, 'fedrap' here\\)"):
         diagnose_content(other, str(ck), progress=lambda _: None)
+    sparse = load_config(None, CONTENT + ["fed.backbone=fedavgmf", "data.max_train_per_user=2",
+                                          f"run.out_dir={tmp_path}"])
+    with pytest.raises(DataError, match="data.max_train_per_user"):
+        diagnose_content(sparse, str(ck), progress=lambda _: None)
     with pytest.raises(ValueError, match="no manifest.json"):
         diagnose_content(cfg, str(tmp_path), progress=lambda _: None)
+    with pytest.raises(DataError, match="no such checkpoint folder"):
+        diagnose_content(cfg, str(tmp_path / "nowhere"), progress=lambda _: None)
 
 
 def test_content_diagnostic_without_content_is_an_error(tmp_path):
