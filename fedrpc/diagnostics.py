@@ -47,8 +47,9 @@ from .metrics import evaluate_users, finalize
 from .runtime import rank_device, server_features
 from .server import Server
 from .strategy import GFMFR, make_backbone_from
+from .state import (SERVER_FILE, describe_differences, incompatibility, read_checkpoint,
+                    result_config)
 from .transport.local import LocalTransport
-from .state import SERVER_FILE, read_checkpoint, result_config
 from .worker import Worker
 
 
@@ -161,21 +162,20 @@ def ridge_cv_r2(X: torch.Tensor, Y: torch.Tensor, folds: int, seed: int,
     return {a: 1.0 - sse[a] / sst for a in alphas}
 
 
-def interaction_factors(split, k: int, seed: int) -> tuple[np.ndarray, torch.Tensor]:
-    """Items with a training interaction, and their top-k factors V_k S_k of the binary
-    user x item training matrix (randomised SVD, seeded)."""
+def interaction_factors(split, trained: np.ndarray, k: int, seed: int) -> torch.Tensor:
+    """The top-k factors V_k S_k of the binary user x item training matrix (randomised
+    SVD, seeded) of the items `trained` (those with a training interaction)."""
     users = np.repeat(np.arange(split.n_users), np.diff(split.train_indptr))
     m = torch.sparse_coo_tensor(torch.from_numpy(np.stack([users, split.train_items])),
                                 torch.ones(len(users), dtype=torch.float64),
                                 (split.n_users, split.n_items), check_invariants=True).coalesce()
     m = torch.sparse_coo_tensor(m.indices(), torch.ones_like(m.values()), m.shape,
                                 check_invariants=True)
-    trained = np.flatnonzero(np.bincount(split.train_items, minlength=split.n_items))
     k = max(1, min(k, len(trained) - 1, split.n_users - 1))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         _, s, v = torch.svd_lowrank(m, q=k, niter=6)
-    return trained, (v * s)[torch.from_numpy(trained)]
+    return (v * s)[torch.from_numpy(trained)]
 
 
 def _checkpoint_table(cfg: Config, folder: Path, n_items: int) -> torch.Tensor:
@@ -187,17 +187,12 @@ def _checkpoint_table(cfg: Config, folder: Path, n_items: int) -> torch.Tensor:
     same = ["fed.backbone", "fed.latent_dim"] + [k for k in current if k.startswith("data.")]
     if cfg.data.split == "cold_items":
         same.append("run.seed")                      # it picks the cold items
-    diff = [k for k in same if k in saved and saved[k] != current[k]]
+    diff = incompatibility(saved, current, same)
     if diff:
         raise DataError(f"{folder}: written with other data or another model: "
-                        + ", ".join(f"{k} ({saved[k]!r} there, {current[k]!r} here)"
-                                    for k in diff))
+                        + describe_differences(saved, current, diff))
     shared = torch.load(folder / SERVER_FILE, weights_only=True)["shared"]
-    name = make_backbone_from(cfg).item_table
-    if name not in shared:
-        raise DataError(f"{folder}: the checkpoint has no item table {name!r} "
-                        f"(fed.backbone={cfg.fed.backbone}; was it written by another backbone?)")
-    table = shared[name].double()
+    table = shared[make_backbone_from(cfg).item_table].double()   # same fed.backbone
     if table.shape[0] < n_items:
         raise DataError(f"{folder}: its item table has {table.shape[0]} rows, the data "
                         f"{n_items} items (a checkpoint of other data?)")
@@ -228,7 +223,8 @@ def diagnose_content(cfg: Config, checkpoint: Optional[str] = None, folds: int =
         sets["text+image"] = torch.cat([sets["text"], sets["image"]], 1)
 
     counts = np.bincount(split.train_items, minlength=n)
-    trained, factors = interaction_factors(split, cfg.fed.latent_dim, cfg.run.seed)
+    trained = np.flatnonzero(counts)
+    factors = interaction_factors(split, trained, cfg.fed.latent_dim, cfg.run.seed)
     targets = {"log training popularity": (np.arange(n), torch.from_numpy(np.log1p(counts))[:, None]),
                f"interaction factors (k={factors.shape[1]})": (trained, factors)}
     if table is not None:

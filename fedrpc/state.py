@@ -356,9 +356,18 @@ def result_config(cfg: Config, data: dict) -> dict:
     return flat
 
 
-def incompatibility(saved: dict, current: dict) -> list[str]:
-    """Keys whose values differ between a checkpoint's result config and this run's."""
-    return sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+def incompatibility(saved: dict, current: dict, keys=None) -> list[str]:
+    """Keys whose values differ between a checkpoint's result config and this run's
+    (among `keys` when given)."""
+    keys = set(saved) | set(current) if keys is None else keys
+    return sorted(k for k in keys if saved.get(k) != current.get(k))
+
+
+def describe_differences(saved: dict, current: dict, diff: list[str]) -> str:
+    """'key (value there, value here), ...' for the first five keys of `diff`."""
+    shown = ", ".join(f"{k} ({saved.get(k)!r} there, {current.get(k)!r} here)"
+                      for k in diff[:5])
+    return shown + (f" and {len(diff) - 5} more" if len(diff) > 5 else "")
 
 
 # ---------------------------------------------------------------------- manifests
@@ -447,11 +456,9 @@ def find_checkpoint(cfg: Config) -> Optional[dict]:
 def check_compatible(manifest: dict, current: dict) -> None:
     diff = incompatibility(manifest["config"], current)
     if diff:
-        shown = ", ".join(f"{k} ({manifest['config'].get(k)!r} there, {current.get(k)!r} here)"
-                          for k in diff[:5])
         raise ConfigError(f"run.resume: checkpoint {manifest['folder']} was written with a "
-                          f"different configuration: {shown}"
-                          + (f" and {len(diff) - 5} more" if len(diff) > 5 else ""))
+                          f"different configuration: "
+                          + describe_differences(manifest["config"], current, diff))
 
 
 def prune(out_dir: Path | str, keep: int) -> None:
