@@ -130,14 +130,6 @@ def _format(res: dict, k: int) -> str:
 RIDGE_ALPHAS = (1.0, 10.0, 100.0, 1e3, 1e4)
 
 
-def _standardised(x: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-    """Columns to zero mean and unit variance over the items that have the modality;
-    items without it are all zeros."""
-    x = x.double()
-    mu, sd = x[present].mean(0), x[present].std(0).clamp_min(1e-12)
-    return torch.where(present[:, None], (x - mu) / sd, torch.zeros((), dtype=x.dtype))
-
-
 def ridge_cv_r2(X: torch.Tensor, Y: torch.Tensor, folds: int, seed: int,
                 alphas=RIDGE_ALPHAS) -> dict[float, float]:
     """Out-of-fold R^2 of a ridge regression X -> Y (both [n, *]) at each penalty alpha:
@@ -211,16 +203,10 @@ def diagnose_content(cfg: Config, checkpoint: Optional[str] = None, folds: int =
     # a bad checkpoint fails before the (possibly long) encoding
     table = _checkpoint_table(cfg, Path(checkpoint), n) if checkpoint else None
     fx = server_features(cfg, catalogue_of(cfg, inter))
-    sets = {}
-    if bool(fx.text_mask.any()):
-        sets["text"] = _standardised(fx.text, fx.text_mask)
-    if bool(fx.image_mask.any()):
-        sets["image"] = _standardised(fx.image, fx.image_mask)
+    sets = fx.standardised()
     if not sets:
         raise DataError("no content features to diagnose: the data has no item texts or "
                         "images, or encoder.text.backend / encoder.image.backend are none")
-    if len(sets) == 2:
-        sets["text+image"] = torch.cat([sets["text"], sets["image"]], 1)
 
     counts = np.bincount(split.train_items, minlength=n)
     trained = np.flatnonzero(counts)

@@ -54,6 +54,21 @@ class ContentFeatures:
     image_mask: Optional[torch.Tensor]
     info: dict = field(default_factory=dict)
 
+    def standardised(self) -> dict[str, torch.Tensor]:
+        """The modalities some item has, as float64 [I, dim] with each column at zero
+        mean and unit variance over the items that have the modality (items without it:
+        all zeros): "text", "image", and "text+image" (the two side by side) when both."""
+        def one(x: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+            x = x.double()
+            mu, sd = x[present].mean(0), x[present].std(0).clamp_min(1e-12)
+            return torch.where(present[:, None], (x - mu) / sd, torch.zeros((), dtype=x.dtype))
+        sets = {name: one(x, m) for name, x, m in (("text", self.text, self.text_mask),
+                                                   ("image", self.image, self.image_mask))
+                if m is not None and bool(m.any())}
+        if len(sets) == 2:
+            sets["text+image"] = torch.cat([sets["text"], sets["image"]], 1)
+        return sets
+
 
 class RoundFailed(RuntimeError):
     """A worker failed in a round and the failure policy ends the run; the message names
