@@ -202,3 +202,63 @@ def tune_central_mf(cfg: Config, lrs: Sequence[float] = DEFAULT_LRS,
                                     "the chosen point",
                      "lrs": lrs, "weight_decays": weight_decays, "epochs": epochs,
                      "constant": len(seen) == 1, "grid": grid, "chosen": chosen}}
+
+
+# ------------------------------------------------------------------ content profile
+DEFAULT_ALPHAS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)
+
+
+def content_vectors(cfg: Config, inter) -> tuple[torch.Tensor, str]:
+    """Each item's content vector [I, r] as the federation's clients get it
+    (`algorithms.profile_vectors` of the standardised features, gfmfr.profile_dims), and
+    the name of the feature set. Encodes through the config's encoders (and their cache),
+    on this machine."""
+    from .algorithms import profile_vectors
+    from .data.dataset import catalogue_of
+    from .data.types import DataError
+    from .runtime import server_features
+    name, x = server_features(cfg, catalogue_of(cfg, inter)).combined()
+    if x is None:
+        raise DataError("--model content needs item content: the data has no item texts "
+                        "or images, or encoder.text.backend / encoder.image.backend are none")
+    return profile_vectors(x, cfg.gfmfr.profile_dims), name
+
+
+def content_scores(z: torch.Tensor, split: Split, users: np.ndarray, log_pop: torch.Tensor,
+                   alpha: float) -> torch.Tensor:
+    """[len(users), I]: each user's profile scores (`algorithms.profile_scores`: the mean
+    cosine similarity of an item's content to the content of the user's training items,
+    standardised over the items) plus `alpha` times the standardised
+    log(1 + training popularity) `log_pop` [I]."""
+    from .algorithms import profile_scores
+    s = profile_scores(z, split.train_indptr, split.train_items, users)
+    return s + alpha * log_pop.to(s.dtype)
+
+
+def run_content(cfg: Config, alphas: Sequence[float] = (0.0,),
+                select: Optional[str] = None) -> dict:
+    """The content-profile recommender (`content_scores`) with the popularity weight
+    alpha: one value, or a grid chosen on the validation metric `select` (default as
+    `select_metric`; ties: the earlier alpha), test read only at the chosen alpha. Not
+    federated: popularity needs everyone's interactions."""
+    alphas = [float(a) for a in alphas]
+    if not alphas or any(not math.isfinite(a) or a < 0 for a in alphas):
+        raise ConfigError(f"--alpha: finite values >= 0 needed, got {alphas}")
+    metric = select_metric(cfg, select)
+    inter = load_interactions(cfg)
+    split = split_of(cfg, inter)
+    z, features = content_vectors(cfg, inter)
+    lp = torch.log1p(popularity_scores(split.train_items, split.n_items))
+    lp = (lp - lp.mean()) / lp.std().clamp_min(1e-12)
+    grid = []
+    for a in alphas:
+        res = _evaluate(cfg, split, lambda b, a=a: content_scores(z, split, b, lp, a))
+        grid.append({"alpha": a, f"valid {metric}": res["valid"][metric], **res})
+    best = max(range(len(grid)), key=lambda j: (grid[j][f"valid {metric}"], -j))
+    out = {"alpha": grid[best]["alpha"], "features": features,
+           "valid": grid[best]["valid"], "test": grid[best]["test"]}
+    if len(alphas) > 1:
+        out["tune"] = {"metric": metric, "alphas": alphas,
+                       "grid": [{"alpha": g["alpha"], f"valid {metric}": g[f"valid {metric}"],
+                                 "test": g["test"]} for g in grid]}
+    return out

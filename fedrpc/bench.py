@@ -311,7 +311,7 @@ def build_local(cfg: Config):
     transport = LocalTransport(workers)
     server = Server(cfg, transport, None, device)
     check_population(cfg, server.users)
-    if cfg.gfmfr.enabled:
+    if cfg.gfmfr.uses_content:
         server.features = server_features(cfg, server.catalogue)
     return server, workers
 

@@ -84,18 +84,28 @@ def format_grid(tune: dict, k: int) -> str:
 
 
 def _cmd_baseline(args) -> int:
-    from .baselines import (run_central_mf, run_popularity, run_random, select_metric,
-                            tune_central_mf)
+    from .baselines import (DEFAULT_ALPHAS, run_central_mf, run_content, run_popularity,
+                            run_random, select_metric, tune_central_mf)
     from .metrics import COLD
     from .reporting import format_metrics, write_json
-    if args.model != "mf" and (args.tune or args.lr is not None or args.weight_decay is not None
-                               or args.select is not None):
-        raise ConfigError("--tune, --lr, --weight-decay and --select apply to --model mf only")
+    if args.model not in ("mf", "content") and (args.tune or args.select is not None):
+        raise ConfigError("--tune and --select apply to --model mf and --model content only")
+    if args.model != "mf" and (args.lr is not None or args.weight_decay is not None):
+        raise ConfigError("--lr and --weight-decay apply to --model mf only")
+    if args.model != "content" and args.alpha is not None:
+        raise ConfigError("--alpha applies to --model content only")
     lrs, wds = _mf_options(args) if args.model == "mf" else ([], [])
+    alphas = (_float_list(args.alpha, "--alpha") if args.alpha is not None else
+              (list(DEFAULT_ALPHAS) if args.tune else [0.0]))
+    if args.model == "content" and len(alphas) != 1 and not args.tune:
+        raise ConfigError("--alpha: several values need --tune (a grid search); without it "
+                          "give one value")
     cfg = load_config(args.config, args.overrides)
-    if args.model == "mf":
+    if args.model in ("mf", "content"):
         select_metric(cfg, args.select)
-    if args.model == "popularity":
+    if args.model == "content":
+        result = {"model": args.model, **run_content(cfg, alphas, args.select)}
+    elif args.model == "popularity":
         result = {"model": args.model, **run_popularity(cfg)}
     elif args.model == "random":
         result = {"model": args.model, "seed": cfg.run.seed, **run_random(cfg)}
@@ -109,7 +119,13 @@ def _cmd_baseline(args) -> int:
                                                         select=args.select)}
     out = Path(cfg.run.out_dir)
     write_json(out / f"baseline_{args.model}.json", result)
-    if "tune" in result:
+    if args.model == "content" and "tune" in result:
+        metric = result["tune"]["metric"]
+        print(f"grid (validation {metric}; * = chosen):")
+        for row in result["tune"]["grid"]:
+            mark = " *" if row["alpha"] == result["alpha"] else ""
+            print(f"  alpha {row['alpha']:>6g}  {row[f'valid {metric}']:.4f}{mark}")
+    elif "tune" in result:
         k, metric = cfg.eval.ks[0], result["tune"]["metric"]
         print(f"grid (best validation {metric} within {args.epochs} epochs; * = chosen):")
         print(format_grid(result["tune"], k))
@@ -123,6 +139,9 @@ def _cmd_baseline(args) -> int:
         cold = {m[len(COLD):]: v for m, v in result[which].items() if m.startswith(COLD)}
         if cold:
             print(f"{args.model} {which} {COLD} {format_metrics(cold, cfg.eval.ks)}")
+    if args.model == "content":
+        print(f"(content: {result['features']} features; popularity weight alpha "
+              f"{result['alpha']:g})")
     if "best_round" in result:
         print(f"(test at the best validation {result['selected_by'].split(' ', 1)[1]} "
               f"epoch, {result['best_round']}; "
@@ -303,10 +322,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     bl = sub.add_parser("baseline", help="evaluate a non-federated reference model")
     _add_config_args(bl)
-    bl.add_argument("--model", choices=["popularity", "mf", "random"], default="popularity",
+    bl.add_argument("--model", choices=["popularity", "mf", "random", "content"],
+                    default="popularity",
                     help="popularity (the floor), mf: centralised matrix factorisation "
-                         "(the ceiling), latent size fed.latent_dim, or random: every item "
-                         "scored by a seeded uniform draw per user (chance)")
+                         "(the ceiling), latent size fed.latent_dim, random: every item "
+                         "scored by a seeded uniform draw per user (chance), or content: "
+                         "each item's mean content similarity to the user's training "
+                         "items, plus --alpha times its standardised log popularity")
+    bl.add_argument("--alpha", default=None,
+                    help="content: the popularity weight (default 0: content alone); with "
+                         "--tune a comma list (default 0,0.5,1,2,4,8)")
     bl.add_argument("--epochs", type=int, default=30,
                     help="mf: training epochs; the test is read at the best validation "
                          "epoch (by --select)")
@@ -318,10 +343,12 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default 0,1e-5,1e-4)")
     bl.add_argument("--tune", action="store_true",
                     help="mf: grid search over --lr x --weight-decay, each point's epoch and "
-                         "the point chosen by the validation metric (--select) alone; the "
-                         "test is read at the chosen point")
+                         "the point chosen by the validation metric (--select) alone; "
+                         "content: the same over --alpha; the test is read at the chosen "
+                         "point")
     bl.add_argument("--select", default=None, metavar="METRIC",
-                    help="mf: the validation metric that picks the epoch and the grid point "
+                    help="mf, content: the validation metric that picks the epoch and the "
+                         "grid point "
                          "(default NDCG@K, K = eval.ks[0]; cold:NDCG@K with "
                          "data.split=cold_items, where no model ranks a cold item among "
                          "all items)"),

@@ -311,9 +311,26 @@ class GFMFRConfig:
     embeddings F_k averaged over the groups weighted by their sizes. Items nobody trains
     on (new items) then take their place from their content; 1 = the table becomes the
     prediction."""
+    profile_weight: float = 0.0
+    """fedrpc's extension (0 = off): each client ranks items by its model's scores plus
+    this weight x its content profile's scores (both standardised over the items): the
+    mean cosine similarity of an item's content vector to those of the client's own
+    training items, formed on the client from the vectors the server sends with each
+    evaluation. Works with gfmfr.enabled true or false; off when no item has content."""
+    profile_dims: int = 128
+    """Dimensions of the content vectors gfmfr.profile_weight sends (the standardised
+    features' top principal components, rows at norm 1); 0 = all feature dimensions."""
+
+    @property
+    def uses_content(self) -> bool:
+        """Whether the server needs the item content (group fusion or the profile)."""
+        return self.enabled or self.profile_weight > 0
 
     def validate(self, key: str) -> None:
         check(self.groups >= 1, f"{key}.groups", "must be >= 1")
+        check(math.isfinite(self.profile_weight) and self.profile_weight >= 0,
+              f"{key}.profile_weight", "must be a finite number >= 0 (0 = off)")
+        check(self.profile_dims >= 0, f"{key}.profile_dims", "must be >= 0 (0 = all)")
         check(0.0 <= self.content_prior <= 1.0, f"{key}.content_prior", "must be in [0, 1]")
         check(0.0 <= self.pca < 1.0 or self.pca == 0.0, f"{key}.pca", "must be in [0, 1)")
         check(self.min_group_size >= 1, f"{key}.min_group_size", "must be >= 1")

@@ -132,13 +132,18 @@ class EvalRequest:
     shared: dict[str, Tensor]
     splits: tuple = ("valid", "test")
     n_clients: int = 0                    # clients hosted by the receiving worker
+    content: Optional[Tensor] = None      # [I, r] content vectors (gfmfr.profile_weight)
+    profile_weight: float = 0.0
 
     def payload_bytes(self) -> int:
-        return nbytes(self.shared) + 16
+        extra = 0 if self.content is None else nbytes(self.content) + 8
+        return nbytes(self.shared) + 16 + extra
 
     def client_bytes(self) -> np.ndarray:
-        """Per client: the latest shared parameters it scores with."""
-        return np.full(self.n_clients, _per_client(self.shared), dtype=np.int64)
+        """Per client: the latest shared parameters it scores with (and the content
+        vectors its profile is formed from)."""
+        return np.full(self.n_clients, _per_client(self.shared) + nbytes(self.content),
+                       dtype=np.int64)
 
 
 @dataclass(frozen=True)

@@ -253,7 +253,7 @@ def serve_rounds(cfg: Config, server: Server, run_dir: RunDir, manifest: Optiona
     the resumed state, then the rounds; SIGTERM/SIGUSR1/SIGINT stop after a checkpoint."""
     check_population(cfg, server.users)
     with StopSignals() as stop:
-        if cfg.gfmfr.enabled:                 # content is read and encoded on rank 0
+        if cfg.gfmfr.uses_content:            # content is read and encoded on rank 0
             server.features = server_features(cfg, server.catalogue)
         if manifest is not None:
             server.resume(manifest)

@@ -69,6 +69,15 @@ class ContentFeatures:
             sets["text+image"] = torch.cat([sets["text"], sets["image"]], 1)
         return sets
 
+    def combined(self) -> tuple[str, Optional[torch.Tensor]]:
+        """The widest of `standardised`'s sets and its name ("text+image" when both
+        modalities exist); ("none", None) when no item has content."""
+        sets = self.standardised()
+        if not sets:
+            return "none", None
+        name = "text+image" if "text+image" in sets else next(iter(sets))
+        return name, sets[name]
+
 
 class RoundFailed(RuntimeError):
     """A worker failed in a round and the failure policy ends the run; the message names
@@ -236,7 +245,9 @@ class Server:
 
     def _evaluate(self, r: int, failures: Optional[dict] = None) -> dict:
         shared = self.strategy.precision.encode_all(self.state.shared)
-        reqs = {rank: EvalRequest(r, shared, ("valid", "test"), len(users))
+        content = self.strategy.profile_content()
+        reqs = {rank: EvalRequest(r, shared, ("valid", "test"), len(users), content,
+                                  self.cfg.gfmfr.profile_weight if content is not None else 0.0)
                 for rank, users in self._live_hosts().items() if rank not in (failures or {})}
         replies = self.transport.exchange(r, "eval", reqs, self.cfg.runtime.round_timeout_s,
                                           failures)

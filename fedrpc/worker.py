@@ -14,6 +14,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from . import algorithms as alg
 from .config import Config
 from .data import Interactions, catalogue_of, load_interactions, split_of
 from .messages import (CheckpointReply, CheckpointRequest, EvalReply, EvalRequest, Hello,
@@ -144,12 +145,21 @@ class Worker:
         shared = {k: self.codec.precision.decode(v).to(self.device)
                   for k, v in req.shared.items()}
 
+        content = self.codec.precision.decode(req.content)
+        content = content.to(self.device) if content is not None else None
+
         def score(users: np.ndarray) -> torch.Tensor:
             slots = self.state.slots(users).to(self.device)
             private = {k: v[slots] for k, v in self.state.private.items()}
             private.update(self.state.dense_tables(slots))    # this batch's only
             with torch.no_grad():
-                return self.backbone.score_all(shared, private)
+                s = self.backbone.score_all(shared, private)
+                if content is None:
+                    return s
+                # each client's profile, from its own training items (gfmfr.profile_weight)
+                prof = alg.profile_scores(content, self.split.train_indptr,
+                                          self.split.train_items, users)
+                return alg.blend(s, prof, req.profile_weight)
 
         sums = evaluate_users(score, self.split, self.users, list(req.splits), e.ks, e.mode,
                               e.sampled_negatives, self.cfg.run.seed, e.batch_users)

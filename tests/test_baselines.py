@@ -4,6 +4,7 @@ import json
 import math
 
 import numpy as np
+import torch
 import pytest
 
 from fedrpc import baselines
@@ -170,3 +171,69 @@ def test_mf_selects_on_the_cold_metric_of_a_cold_item_split_by_default():
     from fedrpc.baselines import select_metric
     assert select_metric(load_config(None, ["data.split=cold_items"])) == "cold:NDCG@10"
     assert select_metric(load_config(None, [])) == "NDCG@10"
+
+
+CONTENT = ["data.synthetic.users=200", "data.synthetic.items=200",
+           "data.synthetic.mean_interactions=20", "fed.latent_dim=8", "encoder.cache=false",
+           "run.progress=false", "eval.ks=[10,50]"]
+
+
+def test_content_baseline_beats_chance_only_when_preferences_follow_the_content():
+    """Synthetic data: at signal 1 users like items whose visible attributes resemble
+    those they liked; at 0 the attributes say nothing."""
+    planted, none = (load_config(None, CONTENT + [f"data.synthetic.signal={s}"])
+                     for s in (1.0, 0.0))
+    chance = run_random(planted)["test"]["HR@10"]
+    assert baselines.run_content(planted)["test"]["HR@10"] > 2 * chance
+    assert baselines.run_content(none)["test"]["HR@10"] < 1.5 * run_random(none)["test"]["HR@10"]
+
+
+def test_content_score_is_the_mean_similarity_to_the_users_items_plus_alpha_popularity():
+    cfg = load_config(None, CONTENT)
+    split = split_of(cfg, load_interactions(cfg))
+    g = torch.Generator().manual_seed(0)
+    z = torch.nn.functional.normalize(torch.randn(split.n_items, 6, generator=g,
+                                                  dtype=torch.float64), dim=1)
+    users = np.array([3, 0, 7])
+    lp = torch.randn(split.n_items, generator=g, dtype=torch.float64)
+    s0 = baselines.content_scores(z, split, users, lp, 0.0)
+    for row, u in zip(s0, users):
+        mine = split.train_items[split.train_indptr[u]:split.train_indptr[u + 1]]
+        cos = (z @ z[torch.from_numpy(mine)].t()).mean(1)        # mean cosine, per item
+        assert torch.allclose(row, (cos - cos.mean()) / cos.std(), atol=1e-10)
+    # a user's scores do not depend on who else is in the batch
+    assert torch.allclose(baselines.content_scores(z, split, users[1:], lp, 0.0), s0[1:])
+    assert torch.allclose(baselines.content_scores(z, split, users, lp, 2.5), s0 + 2.5 * lp)
+
+
+def test_content_tune_chooses_alpha_on_validation_and_writes_the_grid(tmp_path, capsys):
+    rc = main(["baseline", "configs/quickstart.yaml", "--model", "content", "--tune",
+               "--alpha", "0,1,1000", f"run.out_dir={tmp_path}", *CONTENT])
+    out = capsys.readouterr().out
+    assert rc == 0
+    result = json.loads((tmp_path / "baseline_content.json").read_text())
+    grid = result["tune"]["grid"]
+    assert [g["alpha"] for g in grid] == [0.0, 1.0, 1000.0]
+    best = max(grid, key=lambda g: g["valid NDCG@10"])
+    assert result["alpha"] == best["alpha"] and result["test"] == best["test"]
+    assert sum(line.endswith(" *") for line in out.splitlines()) == 1
+    # at a large weight the ranking is popularity's
+    cfg = load_config(None, CONTENT)
+    assert grid[2]["test"]["HR@10"] == pytest.approx(
+        baselines.run_popularity(cfg)["test"]["HR@10"], abs=0.02)
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--model", "mf", "--alpha", "1"], "--alpha applies to --model content only"),
+    (["--model", "content", "--lr", "0.1"], "--lr and --weight-decay apply to --model mf only"),
+    (["--model", "popularity", "--tune"], "--tune and --select apply to"),
+    (["--model", "content", "--alpha", "0,1"], "--alpha: several values need --tune"),
+    (["--model", "content", "--alpha=-1"], "--alpha: finite values >= 0"),
+    (["--model", "content", "encoder.text.backend=none", "encoder.image.backend=none"],
+     "--model content needs item content"),
+])
+def test_content_baseline_errors_are_one_line_exit_2(tmp_path, capsys, args, msg):
+    rc = main(["baseline", "configs/quickstart.yaml", *args, f"run.out_dir={tmp_path}", *TINY])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("fedrpc: error: ") and msg in err
+    assert len(err.strip().splitlines()) == 1 and not list(tmp_path.iterdir())

@@ -408,6 +408,27 @@ class GFMFR:
             return alg.teacher_logits(E, w, b.reshape(-1))
         return bb.group_logits(E, head)
 
+    def profile_content(self) -> Optional[Tensor]:
+        """The content vectors the clients form their profiles from, as sent (the
+        precision codec's dtype), computed once; None when gfmfr.profile_weight is 0 or
+        no item has content (then said once)."""
+        g = self.cfg.gfmfr
+        if not g.profile_weight:
+            return None
+        if not hasattr(self, "_profile"):
+            name, x = self.features.combined() if self.features is not None else ("none", None)
+            if x is None:
+                log.warning("gfmfr.profile_weight=%g: no item has content (no texts or "
+                            "images, or encoder.*.backend=none): scores have no profile "
+                            "term", g.profile_weight)
+                self._profile = None
+            else:
+                z = alg.profile_vectors(x, g.profile_dims).float()
+                log.info("content profile: %s features -> %d-dim vectors for %d items",
+                         name, z.shape[1], z.shape[0])
+                self._profile = self.precision.encode(z)
+        return self._profile
+
     def fusion_model(self, state):
         """The persistent group-fusion model and its optimiser (built at first use)."""
         if state.fusion is None:
