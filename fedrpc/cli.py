@@ -350,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="mf, content: the validation metric that picks the epoch and the "
                          "grid point "
                          "(default NDCG@K, K = eval.ks[0]; cold:NDCG@K with "
-                         "data.split=cold_items, where no model ranks a cold item among "
+                         "data.split=cold_items, where an ID-only model ranks no cold item among "
                          "all items)"),
     bl.set_defaults(func=_cmd_baseline)
     dg = _command_group(sub, "diagnose", "diagnostics")
