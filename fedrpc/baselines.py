@@ -241,6 +241,7 @@ def run_content(cfg: Config, alphas: Sequence[float] = (0.0,),
     alpha: one value, or a grid chosen on the validation metric `select` (default as
     `select_metric`; ties: the earlier alpha), test read only at the chosen alpha. Not
     federated: popularity needs everyone's interactions."""
+    from .algorithms import standardise_rows
     alphas = [float(a) for a in alphas]
     if not alphas or any(not math.isfinite(a) or a < 0 for a in alphas):
         raise ConfigError(f"--alpha: finite values >= 0 needed, got {alphas}")
@@ -248,8 +249,8 @@ def run_content(cfg: Config, alphas: Sequence[float] = (0.0,),
     inter = load_interactions(cfg)
     split = split_of(cfg, inter)
     z, features = content_vectors(cfg, inter)
-    lp = torch.log1p(popularity_scores(split.train_items, split.n_items))
-    lp = (lp - lp.mean()) / lp.std().clamp_min(1e-12)
+    lp = standardise_rows(torch.log1p(popularity_scores(split.train_items,
+                                                       split.n_items))[None])[0]
     grid = []
     for a in alphas:
         res = _evaluate(cfg, split, lambda b, a=a: content_scores(z, split, b, lp, a))

@@ -107,6 +107,8 @@ class GFMFR:
         self.backbone = make_backbone_from(cfg)
         self.codec = upload_codec(cfg, self.backbone)
         self.precision = self.codec.precision
+        self._profile: Optional[Tensor] = None      # profile_content's vectors,
+        self._profile_made = False                  # made at its first call
 
     # -- requests ------------------------------------------------------------------
     def rates(self, r: int) -> dict[str, float]:
@@ -415,13 +417,13 @@ class GFMFR:
         g = self.cfg.gfmfr
         if not g.profile_weight:
             return None
-        if not hasattr(self, "_profile"):
+        if not self._profile_made:
+            self._profile_made = True
             name, x = self.features.combined() if self.features is not None else ("none", None)
             if x is None:
                 log.warning("gfmfr.profile_weight=%g: no item has content (no texts or "
                             "images, or encoder.*.backend=none): scores have no profile "
                             "term", g.profile_weight)
-                self._profile = None
             else:
                 z = alg.profile_vectors(x, g.profile_dims).float()
                 log.info("content profile: %s features -> %d-dim vectors for %d items",
