@@ -320,6 +320,10 @@ class GFMFRConfig:
     profile_dims: int = 128
     """Dimensions of the content vectors gfmfr.profile_weight sends (the standardised
     features' top principal components, rows at norm 1); 0 = all feature dimensions."""
+    profile_features: Literal["all", "text", "image"] = "all"
+    """Which item content the profile's vectors are made from: all = every modality the
+    items have (text and image side by side), text or image = that one alone (fusion
+    still uses every modality). Off, with a warning, when no item has it."""
 
     @property
     def uses_content(self) -> bool:

@@ -69,10 +69,13 @@ class ContentFeatures:
             sets["text+image"] = torch.cat([sets["text"], sets["image"]], 1)
         return sets
 
-    def combined(self) -> tuple[str, Optional[torch.Tensor]]:
-        """The widest of `standardised`'s sets and its name ("text+image" when both
-        modalities exist); ("none", None) when no item has content."""
+    def combined(self, which: str = "all") -> tuple[str, Optional[torch.Tensor]]:
+        """One of `standardised`'s sets and its name: with `which` "all" the widest
+        ("text+image" when both modalities exist), with "text" or "image" that modality
+        alone; ("none", None) when no item has it."""
         sets = self.standardised()
+        if which != "all":
+            return (which, sets[which]) if which in sets else ("none", None)
         if not sets:
             return "none", None
         name = "text+image" if "text+image" in sets else next(iter(sets))

@@ -231,6 +231,8 @@ def test_content_tune_chooses_alpha_on_validation_and_writes_the_grid(tmp_path, 
     (["--model", "content", "--alpha=-1"], "--alpha: finite values >= 0"),
     (["--model", "content", "encoder.text.backend=none", "encoder.image.backend=none"],
      "--model content needs item content"),
+    (["--model", "content", "encoder.image.backend=none", "gfmfr.profile_features=image"],
+     "no item images (gfmfr.profile_features=image)"),
 ])
 def test_content_baseline_errors_are_one_line_exit_2(tmp_path, capsys, args, msg):
     rc = main(["baseline", "configs/quickstart.yaml", *args, f"run.out_dir={tmp_path}", *TINY])

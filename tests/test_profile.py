@@ -80,7 +80,34 @@ def test_profile_without_content_says_so_and_changes_nothing(tmp_path, caplog):
     assert [r["bytes"]["logical"] for r in b] == [r["bytes"]["logical"] for r in p]
 
 
+def test_profile_from_one_modality_scores_as_that_modality_alone(tmp_path):
+    """gfmfr.profile_features=text: the clients rank exactly as when the text is the only
+    content the run has (encoder.image.backend=none), and not as with text and image."""
+    prof = COLD + ["gfmfr.profile_weight=4", "gfmfr.profile_dims=8"]
+    for name, extra in (("all", []), ("text", ["gfmfr.profile_features=text"]),
+                        ("only", ["encoder.image.backend=none"])):
+        run_local(load_config(None, prof + extra + [f"run.out_dir={tmp_path / name}"]))
+    every, text, only = (records(tmp_path / n) for n in ("all", "text", "only"))
+    assert [r["metrics"] for r in text] == [r["metrics"] for r in only]
+    assert [r["bytes"]["logical"] for r in text] == [r["bytes"]["logical"] for r in only]
+    assert [r["metrics"] for r in text] != [r["metrics"] for r in every]
+
+
+def test_profile_of_a_modality_no_item_has_says_so_and_changes_nothing(tmp_path, caplog):
+    no_image = COLD + ["encoder.image.backend=none"]
+    run_local(load_config(None, no_image + [f"run.out_dir={tmp_path / 'b'}"]))
+    with caplog.at_level(logging.WARNING, logger="fedrpc.strategy"):
+        run_local(load_config(None, no_image + ["gfmfr.profile_weight=4",
+                                                "gfmfr.profile_features=image",
+                                                f"run.out_dir={tmp_path / 'p'}"]))
+    assert "no item has image" in caplog.text
+    b, p = records(tmp_path / "b"), records(tmp_path / "p")
+    assert [r["metrics"] for r in b] == [r["metrics"] for r in p]
+    assert [r["bytes"]["logical"] for r in b] == [r["bytes"]["logical"] for r in p]
+
+
 @pytest.mark.parametrize("key, value, msg", [
+    ("gfmfr.profile_features", "both", "must be one of 'all', 'text', 'image'"),
     ("gfmfr.profile_weight", "-1", "must be a finite number >= 0"),
     ("gfmfr.profile_weight", ".inf", "must be a finite number >= 0"),
     ("gfmfr.profile_dims", "-2", "must be >= 0"),

@@ -419,11 +419,13 @@ class GFMFR:
             return None
         if not self._profile_made:
             self._profile_made = True
-            name, x = self.features.combined() if self.features is not None else ("none", None)
+            name, x = (self.features.combined(g.profile_features)
+                       if self.features is not None else ("none", None))
             if x is None:
-                log.warning("gfmfr.profile_weight=%g: no item has content (no texts or "
-                            "images, or encoder.*.backend=none): scores have no profile "
-                            "term", g.profile_weight)
+                what = {"all": "content (no texts or images", "text": "text (no texts",
+                        "image": "image (no images"}[g.profile_features]
+                log.warning("gfmfr.profile_weight=%g: no item has %s, or encoder.*.backend="
+                            "none): scores have no profile term", g.profile_weight, what)
             else:
                 z = alg.profile_vectors(x, g.profile_dims).float()
                 log.info("content profile: %s features -> %d-dim vectors for %d items",
