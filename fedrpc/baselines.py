@@ -211,17 +211,17 @@ DEFAULT_ALPHAS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)
 def content_vectors(cfg: Config, inter) -> tuple[torch.Tensor, str]:
     """Each item's content vector [I, r] as the federation's clients get it
     (`algorithms.profile_vectors` of the standardised features gfmfr.profile_features
-    names, gfmfr.profile_dims), and the name of the feature set. Encodes through the config's encoders (and their cache),
-    on this machine."""
-    from .algorithms import profile_vectors
+    names, gfmfr.profile_dims), and the name of the feature set. Encodes through the
+    config's encoders (and their cache), on this machine."""
+    from .algorithms import PROFILE_FEATURES, profile_vectors
     from .data.dataset import catalogue_of
     from .data.types import DataError
     from .runtime import server_features
     which = cfg.gfmfr.profile_features
     name, x = server_features(cfg, catalogue_of(cfg, inter)).combined(which)
     if x is None:
-        what = {"all": "texts or images", "text": "texts (gfmfr.profile_features=text)",
-                "image": "images (gfmfr.profile_features=image)"}[which]
+        what = PROFILE_FEATURES[which][1] + ("" if which == "all" else
+                                             f" (gfmfr.profile_features={which})")
         raise DataError(f"--model content needs item content: the data has no item {what}, "
                         "or encoder.text.backend / encoder.image.backend are none")
     return profile_vectors(x, cfg.gfmfr.profile_dims), name

@@ -12,8 +12,8 @@ from fedrpc.algorithms.fusion import (FUSIONS, AttentionFusion, GateFusion, Grou
                                       teacher_logits, teacher_preferences, train_fusion)
 from fedrpc.algorithms.grouping import (align_groups, group_clients, group_targets,
                                         lopsided_groups, rbf_affinity)
-from fedrpc.algorithms.profile import (blend, profile_scores, profile_vectors,
-                                       standardise_rows)
+from fedrpc.algorithms.profile import (PROFILE_FEATURES, blend, profile_scores,
+                                       profile_vectors, standardise_rows)
 
 __all__ = [
     "mean_aggregate",
@@ -21,5 +21,5 @@ __all__ = [
     "GroupFusion", "SumFusion", "MLPFusion", "GateFusion", "AttentionFusion", "MoEFusion",
     "FUSIONS", "make_fusion", "fused_items", "train_fusion", "make_fusion_optimizer",
     "teacher_logits", "teacher_preferences",
-    "profile_vectors", "profile_scores", "standardise_rows", "blend",
+    "PROFILE_FEATURES", "profile_vectors", "profile_scores", "standardise_rows", "blend",
 ]

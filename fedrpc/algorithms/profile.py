@@ -14,6 +14,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+PROFILE_FEATURES = {"all": ("content", "texts or images"), "text": ("text", "texts"),
+                    "image": ("image", "images")}
+"""gfmfr.profile_features -> (what it names, the item fields it needs): the words of the
+warning or error when no item has them."""
+
 
 def profile_vectors(x: Tensor, dims: int) -> Tensor:
     """[I, min(dims, D)] unit rows (float64) from features x [I, D] (standardised, zeros

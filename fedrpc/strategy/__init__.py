@@ -422,10 +422,9 @@ class GFMFR:
             name, x = (self.features.combined(g.profile_features)
                        if self.features is not None else ("none", None))
             if x is None:
-                what = {"all": "content (no texts or images", "text": "text (no texts",
-                        "image": "image (no images"}[g.profile_features]
-                log.warning("gfmfr.profile_weight=%g: no item has %s, or encoder.*.backend="
-                            "none): scores have no profile term", g.profile_weight, what)
+                log.warning("gfmfr.profile_weight=%g: no item has %s (no %s, or encoder.*."
+                            "backend=none): scores have no profile term", g.profile_weight,
+                            *alg.PROFILE_FEATURES[g.profile_features])
             else:
                 z = alg.profile_vectors(x, g.profile_dims).float()
                 log.info("content profile: %s features -> %d-dim vectors for %d items",
