@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from .config import Config, replace_key
 from .data import load_interactions
+from .memory import keep_freed_memory
 from .messages import TrainRequest
 from .training import build_client_batches
 from .strategy import learning_rates
@@ -90,6 +91,8 @@ def workload(cfg: Config, worker: Worker, users: np.ndarray, measure: bool = Tru
 
 
 def bench_train(cfg: Config, n_clients: int = 0, repeats: int = 1) -> dict:
+    if cfg.runtime.keep_freed_memory:
+        keep_freed_memory()
     inter = load_interactions(cfg)
     n = inter.n_users if not n_clients else min(n_clients, inter.n_users)
     users = np.arange(n)
@@ -304,6 +307,8 @@ def build_local(cfg: Config):
     from .server import Server
     from .transport import LocalTransport
 
+    if cfg.runtime.keep_freed_memory:
+        keep_freed_memory()
     inter = load_interactions(cfg)
     device = rank_device(cfg.run.device)
     workers = {rank: Worker(cfg, rank, cfg.fed.workers, inter, device)

@@ -35,6 +35,7 @@ import torch
 from .config import Config, ConfigError
 from .data import Catalogue, load_item_content
 from .data.types import DataError
+from .memory import keep_freed_memory
 from .reporting import RunDir
 from .server import ContentFeatures, RoundFailed, Server, StopSignals, Stopped, run_rounds
 from .state import find_checkpoint
@@ -448,6 +449,8 @@ def _runtime_record(info: RankInfo, startup_s: float, transport: Transport) -> d
 # ---------------------------------------------------------------------- dispatch
 def run(cfg: Config) -> Optional[dict]:
     """Run the federation (`fed.transport`): the summary, or None on a worker rank."""
+    if cfg.runtime.keep_freed_memory:
+        keep_freed_memory()
     if cfg.fed.transport == "local":
         found = _launcher_ranks(os.environ) if "RANK" in os.environ else None
         if found is not None and found[2] > 1:
