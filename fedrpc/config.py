@@ -485,10 +485,17 @@ class RuntimeConfig:
     zero (ML-100K, FedRAP-MLP + GFMFR: about 1.6 million page faults and 3 s of system
     time a round without it). Same numbers; the resident size stays near its peak. No
     effect outside glibc."""
+    initial_cache_mb: float = 1024.0
+    """Memory (MiB per worker) for keeping the clients' initial private item tables once
+    drawn (fedrap_mlp's P_u: each is its own stream's draw of all I x d values, and a
+    round's training and evaluation would draw it again): the first clients whose tables
+    fit keep them, the others are drawn each time. ML-100K at d = 64 needs 387 MiB for
+    all 943 clients. 0 = keep none. Same numbers either way."""
 
     def validate(self, key: str) -> None:
         check(self.startup_timeout_s > 0, f"{key}.startup_timeout_s", "must be > 0")
         check(self.round_timeout_s > 0, f"{key}.round_timeout_s", "must be > 0")
+        check(self.initial_cache_mb >= 0, f"{key}.initial_cache_mb", "must be >= 0")
 
 
 @dataclass(frozen=True)

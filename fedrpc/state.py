@@ -113,8 +113,9 @@ class ClientStore:
     Dense private parameters (user vectors, heads) are [M, ...] tensors. A private item
     table is stored sparsely: only the rows a client has trained, keyed by
     slot * I + item (ascending); every other row is the client's initial value,
-    regenerated on demand from its own stream (zeros for most backbones), never
-    materialised for all items. Memory grows with the rows clients touch.
+    regenerated on demand from its own stream (zeros for most backbones). Memory grows
+    with the rows clients touch, plus the drawn initial tables kept within
+    `initial_cache_mb` (random ones only: fedrap_mlp's P_u).
     """
     users: np.ndarray
     private: dict[str, Tensor]          # dense private params, [M, ...] each
@@ -125,13 +126,17 @@ class ClientStore:
     seed: int = 0
     device: torch.device = torch.device("cpu")
     _undo: Optional[tuple] = None       # (round, slots, dense rows, ratio, tables) before training
+    initial_cache_mb: float = 0.0       # memory for keeping drawn initial tables (see _initial)
+    _init: dict = field(default_factory=dict)    # name -> (values [C, I, d], drawn [C] bool)
 
     @classmethod
     def create(cls, backbone, users: np.ndarray, n_items: int, seed: int,
-               device: torch.device | str = "cpu") -> "ClientStore":
+               device: torch.device | str = "cpu",
+               initial_cache_mb: float = 0.0) -> "ClientStore":
         """Dense private parameters drawn on the CPU from each user's own stream (so they
         do not depend on the device or the packing), then kept on `device`; private
-        tables start empty (every row at its initial value)."""
+        tables start empty (every row at its initial value). `initial_cache_mb`: memory
+        for keeping the initial tables once drawn (runtime.initial_cache_mb)."""
         per_user = [backbone.init_private(n_items, seed, int(u), tables=False) for u in users]
         private = {p.name: torch.stack([pu[p.name] for pu in per_user]).to(device)
                    if len(per_user) else torch.zeros((0, *p.shape)).to(device)
@@ -139,7 +144,8 @@ class ClientStore:
         tables = {p.name: (np.empty(0, np.int64), torch.zeros(0, backbone.d, device=device))
                   for p in backbone.private() if p.table}
         return cls(users, private, torch.full((len(users),), float("nan"), device=device),
-                   tables, n_items, backbone, seed, torch.device(device))
+                   tables, n_items, backbone, seed, torch.device(device),
+                   initial_cache_mb=initial_cache_mb)
 
     def slots(self, users: np.ndarray) -> Tensor:
         idx = np.searchsorted(self.users, users)
@@ -167,13 +173,44 @@ class ClientStore:
 
     def _initial(self, name: str, users: np.ndarray, counts: np.ndarray,
                  items: np.ndarray) -> Tensor:
+        """[K, d] initial rows of table `name`: for users[j], its rows at the next counts[j]
+        of `items`. A client's initial table is its stream's draw of all I rows (the
+        stream cannot skip to a row). The first clients (by slot) whose tables fit in
+        `initial_cache_mb` keep them once drawn, so training and evaluation do not draw
+        them again each round; the others are drawn on every call. Same values either
+        way."""
         p = next(q for q in self.backbone.private() if q.name == name)
         if p.init == "zeros":
             return torch.zeros(len(items), self.backbone.d, device=self.device)
+        slots = self.slots(users).numpy()
+        values, drawn = self._initial_cache(name)
+        kept = slots < len(drawn)
+        new = np.nonzero(kept)[0]
+        for j in new[~drawn[slots[new]]]:
+            values[slots[j]] = self._draw(name, int(users[j]))
+            drawn[slots[j]] = True
+        if kept.all():                      # one gather from the kept tables
+            at = np.repeat(slots * self.n_items, counts) + items
+            return values.view(-1, self.backbone.d).index_select(0, torch.from_numpy(at).to(self.device))
         starts = np.concatenate([[0], np.cumsum(counts)])
-        parts = [self.backbone.init_private(self.n_items, self.seed, int(u))[name][
-            torch.from_numpy(items[starts[j]:starts[j + 1]])] for j, u in enumerate(users)]
-        return (torch.cat(parts) if parts else torch.zeros(0, self.backbone.d)).to(self.device)
+        parts = [(values[slots[j]] if kept[j] else self._draw(name, int(u)))[
+            torch.from_numpy(items[starts[j]:starts[j + 1]]).to(self.device)]
+            for j, u in enumerate(users)]
+        return torch.cat(parts) if parts else torch.zeros(0, self.backbone.d, device=self.device)
+
+    def _draw(self, name: str, user: int) -> Tensor:
+        """User `user`'s initial table `name` [I, d], drawn from its stream."""
+        return self.backbone.init_private(self.n_items, self.seed, user)[name].to(self.device)
+
+    def _initial_cache(self, name: str) -> tuple[Tensor, np.ndarray]:
+        """(values [C, I, d], drawn [C]): kept initial tables of the first C slots, C as
+        many as fit in initial_cache_mb (allocated on first use; rows filled when drawn)."""
+        if name not in self._init:
+            per_client = self.n_items * self.backbone.d * 4
+            c = min(len(self.users), int(self.initial_cache_mb * 2 ** 20 // max(per_client, 1)))
+            self._init[name] = (torch.empty(c, self.n_items, self.backbone.d, device=self.device),
+                                np.zeros(c, dtype=bool))
+        return self._init[name]
 
     def put_rows(self, name: str, users: np.ndarray, counts: np.ndarray, items: np.ndarray,
                  values: Tensor) -> None:

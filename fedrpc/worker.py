@@ -47,7 +47,7 @@ class Worker:
         self.backbone = make_backbone_from(cfg)
         self.codec = upload_codec(cfg, self.backbone)
         self.state = ClientStore.create(self.backbone, self.users, self.n_items, cfg.run.seed,
-                                        self.device)
+                                        self.device, cfg.runtime.initial_cache_mb)
 
     # ------------------------------------------------------------------ dispatch
     def handle(self, msg):

@@ -176,6 +176,33 @@ def test_private_tables_keep_only_the_rows_clients_trained(small):
     assert (full[~trained] == 0).all() and (full[trained] != 0).any(-1).all()
 
 
+def test_kept_initial_tables_give_the_same_numbers(small):
+    """runtime.initial_cache_mb changes no number: FedRAP-MLP's private tables (random
+    initial values) train and evaluate bit for bit alike whether no client, some or all
+    keep their drawn initial tables, over two rounds with different clients."""
+    inter, split = small
+    bb = make_backbone("fedrap_mlp", 8)
+    per_client_mb = inter.n_items * 8 * 4 / 2 ** 20
+    results = []
+    for mb in (0.0, per_client_mb * inter.n_users / 2, 1024.0):
+        state = ClientStore.create(bb, np.arange(inter.n_users), inter.n_items, 0,
+                                   initial_cache_mb=mb)
+        outs = []
+        for r, users in enumerate([np.arange(0, inter.n_users, 2), np.arange(inter.n_users)]):
+            s = LocalSettings(epochs=2, batch_size=16, lr=0.05, lr_item=2.0, round=r,
+                              total_rounds=2)
+            outs.append(_train("fedrap_mlp", small, users, s, state=state)[2][0])
+        everyone = torch.arange(inter.n_users)
+        results.append((outs, state.dense_tables(everyone)["P"],
+                        state.table_rows("P", np.array([3, 20]), np.array([2, 1]),
+                                         np.array([5, inter.n_items - 1, 0]))))
+    for outs, tables, rows in results[1:]:
+        for o, ref in zip(outs, results[0][0]):
+            assert torch.equal(o.loss, ref.loss)
+            assert torch.equal(o.shared["C"].values, ref.shared["C"].values)
+        assert torch.equal(tables, results[0][1]) and torch.equal(rows, results[0][2])
+
+
 @pytest.mark.parametrize("name", ["fedrap", "fedrap_mlp", "fedavgmf"])
 def test_packed_rows_train_like_whole_tables(name, small):
     """Training on each client's packed rows gives what training on whole [I, d] tables
