@@ -58,6 +58,10 @@ def test_identical_rows(method):
     x[:5] += 1.0  # two distinct rows -> at most two groups
     labels = group_clients(x, 3, method=method)
     assert set(labels.tolist()) == {0, 1} and len(set(labels[:5])) == 1
+    x[:5] = 0.0
+    x[:2] = -0.0  # equal by value to the zeros: still two distinct rows
+    labels = group_clients(x, 3, method=method)
+    assert set(labels.tolist()) == {0, 1} and len(set(labels[:5])) == 1
 
 
 @pytest.mark.parametrize("method", ["spectral", "kmeans"])
